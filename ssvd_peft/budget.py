@@ -1,0 +1,143 @@
+"""Trainable-parameter budgets: per module, per subspace, in total, and equal across methods.
+
+Closed forms per adapted in -> out layer (see each layer's ``trainable_split``):
+
+    LoRA, PiSSA   r (in + out)
+    DoRA          r (in + out) + out
+    SSVD          k + k_in (k_in - 1) / 2                     (+1 gate with espnet_compat)
+    SSVD-O        k + k_in (k_in - 1) / 2 + k_out (k_out - 1) / 2
+
+``format_budget_table`` groups a plan by model part (encoder / decoder / other), by block
+(attention / feed-forward / other) and by subspace (inner = input side, outer = output side,
+values = singular-value shifts). ``equal_budget_configs`` picks every method's rank or k so that
+all methods train (nearly) the same number of parameters, the comparison the papers make.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+from torch import nn
+
+from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
+from ssvd_peft.inject import InjectionReport, plan_injection
+from ssvd_peft.layers import ADAPTER_CLASSES
+
+ATTENTION_MARKERS = ("attn", "attention", "linear_q", "linear_k", "linear_v", "linear_out")
+FEED_FORWARD_MARKERS = ("feed_forward", "w_1", "w_2", "ffn", "mlp", "channel_proj", "merge_proj", "fc")
+KNOBS = {"lora": "rank", "dora": "rank", "pissa": "rank", "ssvd": "k", "ssvd_o": "k"}
+
+
+def model_part(module_name: str) -> str:
+    """encoder, decoder or other, from the first name segment that says so."""
+    for segment in module_name.split("."):
+        if "encoder" in segment:
+            return "encoder"
+        if "decoder" in segment:
+            return "decoder"
+    return "other"
+
+
+def block_kind(module_name: str) -> str:
+    """attention, feed_forward or other, from the module's name."""
+    segments = module_name.split(".")
+    if any(marker in segment for segment in segments for marker in ATTENTION_MARKERS):
+        return "attention"
+    if any(marker in segment for segment in segments for marker in FEED_FORWARD_MARKERS):
+        return "feed_forward"
+    return "other"
+
+
+def estimate_budget(model: nn.Module, config: AdapterConfig | str, **options: Any) -> InjectionReport:
+    """The plan of ``inject_adapters`` (modules and parameter counts) without changing the model."""
+    if isinstance(config, str):
+        config = config_from_dict(config, options)
+    return plan_injection(model, config)
+
+
+def budget_groups(report: InjectionReport) -> dict[tuple[str, str], dict[str, int]]:
+    """{(part, block): {"modules", "inner", "outer", "values", "total"}} over the plan."""
+    groups: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for module in report.modules:
+        group = groups[(model_part(module.name), block_kind(module.name))]
+        group["modules"] += 1
+        group["inner"] += module.split.inner
+        group["outer"] += module.split.outer
+        group["values"] += module.split.values
+        group["total"] += module.split.total
+    return {key: dict(value) for key, value in sorted(groups.items())}
+
+
+def format_budget_table(report: InjectionReport, per_module: bool = True) -> str:
+    """A plain-text table: one row per module (optional), per group, and the total."""
+    header = f"{'module':<56} {'in x out':>11} {'inner':>9} {'outer':>9} {'values':>8} {'total':>10}"
+    lines = [f"adapter {report.adapter_name!r} ({report.method})", header, "-" * len(header)]
+    if per_module:
+        for m in report.modules:
+            shape = f"{m.in_features}x{m.out_features}"
+            lines.append(
+                f"{_clip(m.name, 56):<56} {shape:>11} {m.split.inner:>9} {m.split.outer:>9} "
+                f"{m.split.values:>8} {m.trainable:>10}"
+            )
+        lines.append("-" * len(header))
+    for (part, block), g in budget_groups(report).items():
+        label = f"[{part} / {block}] {g['modules']} modules"
+        lines.append(
+            f"{label:<56} {'':>11} {g['inner']:>9} {g['outer']:>9} {g['values']:>8} {g['total']:>10}"
+        )
+    share = 100.0 * report.trainable / max(report.model_parameters, 1)
+    lines.append("-" * len(header))
+    lines.append(
+        f"{'total: ' + str(len(report.modules)) + ' modules':<56} {'':>11} "
+        f"{sum(m.split.inner for m in report.modules):>9} {sum(m.split.outer for m in report.modules):>9} "
+        f"{sum(m.split.values for m in report.modules):>8} {report.trainable:>10}"
+    )
+    lines.append(
+        f"trainable {report.trainable:,} of {report.model_parameters:,} model parameters ({share:.3f}%)"
+    )
+    return "\n".join(lines)
+
+
+def equal_budget_configs(
+    model: nn.Module,
+    budget: int,
+    methods: dict[str, dict[str, Any]],
+) -> dict[str, AdapterConfig]:
+    """For each method, the config whose total trainable count is closest to ``budget``.
+
+    ``methods`` maps a method name to its other options (target_modules and so on); the knob
+    (rank for LoRA/DoRA/PiSSA, k for SSVD/SSVD-O) is searched over 1 .. the largest value every
+    targeted layer allows. The result is within one knob step of ``budget``.
+    """
+    return {method: _closest_config(model, budget, method, options) for method, options in methods.items()}
+
+
+def _closest_config(model: nn.Module, budget: int, method: str, options: dict[str, Any]) -> AdapterConfig:
+    if method not in KNOBS:
+        config_from_dict(method, options)  # raises the unknown-method error
+    knob = KNOBS[method]
+    template = config_from_dict(method, {**options, knob: 1})
+    layers = plan_injection(model, template).modules
+    adapter_class = ADAPTER_CLASSES[method]
+    limit = min(min(m.in_features, m.out_features) for m in layers)
+    best: tuple[int, AdapterConfig] | None = None
+    for value in range(1, limit + 1):
+        config = dataclasses.replace(template, **{knob: value})
+        total = sum(
+            adapter_class.num_trainable(config.for_module(m.name), m.in_features, m.out_features)
+            for m in layers
+        )
+        distance = abs(total - budget)
+        if best is None or distance < best[0]:
+            best = (distance, config)
+        if total > budget:
+            break
+    if best is None:
+        raise PeftConfigError(f"{method}: no {knob} fits the targeted layers")
+    return best[1]
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]

@@ -1,0 +1,297 @@
+"""Putting adapters into any torch model, switching between them, and taking them out.
+
+    report = inject_adapters(model, "ssvd_o", target_modules=["linear_q", "linear_v"], k_ratio=0.25)
+    print(report)                      # per-module trainable parameters
+    ...train...
+    model = merge_and_unload(model)    # a plain model with W' in its Linear layers
+
+Injection checks everything before it changes the model: every target pattern must match a
+module, every matched module must be an ``nn.Linear`` whose forward is really called, and every
+layer's rank or k must fit the layer. A failed call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
+from ssvd_peft.layers import ADAPTER_CLASSES, AdapterLinear
+from ssvd_peft.layers.base import ADAPTERS_ATTR, TrainableSplit
+from ssvd_peft.targets import closest_names, matches, matches_any
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class InjectedModule:
+    """One adapted layer: where it is, its shape and its trainable-parameter count."""
+
+    name: str
+    method: str
+    in_features: int
+    out_features: int
+    split: TrainableSplit
+
+    @property
+    def trainable(self) -> int:
+        return self.split.total
+
+
+@dataclass
+class InjectionReport:
+    """What ``inject_adapters`` did: the adapted modules and the parameter totals."""
+
+    adapter_name: str
+    method: str
+    modules: list[InjectedModule]
+    model_parameters: int
+
+    @property
+    def trainable(self) -> int:
+        return sum(module.trainable for module in self.modules)
+
+    def __str__(self) -> str:
+        from ssvd_peft.budget import format_budget_table
+
+        return format_budget_table(self)
+
+
+def inject_adapters(
+    model: nn.Module,
+    config: AdapterConfig | str,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    freeze_base: bool = True,
+    **options: Any,
+) -> InjectionReport:
+    """Wrap every targeted ``nn.Linear`` of ``model`` in place and add adapter ``adapter_name``.
+
+    ``config`` is a config object or a method name whose options come as keyword arguments.
+    With ``freeze_base`` only the new adapter's parameters stay trainable.
+    """
+    if isinstance(config, str):
+        config = config_from_dict(config, options)
+    elif options:
+        raise TypeError("pass options either inside the config object or with a method name, not both")
+    plan = plan_injection(model, config, adapter_name)
+    adapter_class = ADAPTER_CLASSES[config.method]
+    for planned in plan.modules:
+        layer = model.get_submodule(planned.name)
+        wrapper = layer if isinstance(layer, AdapterLinear) else _wrap(model, planned.name, layer)
+        wrapper.add_adapter(adapter_name, adapter_class(wrapper.base_layer, config.for_module(planned.name)))
+    if freeze_base:
+        mark_only_adapters_trainable(model, adapter_name=adapter_name)
+    return plan
+
+
+def plan_injection(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER
+) -> InjectionReport:
+    """What ``inject_adapters`` would do, checked in full, without changing the model."""
+    adapter_class = ADAPTER_CLASSES[config.method]
+    report = InjectionReport(adapter_name, config.method, [], sum(p.numel() for p in model.parameters()))
+    for name, layer in find_target_layers(model, config).items():
+        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
+        _check_can_add(name, layer, adapter_name, config.method)
+        try:
+            split = adapter_class.trainable_split(
+                config.for_module(name), base.in_features, base.out_features
+            )
+        except ValueError as error:
+            raise PeftConfigError(f"module {name!r}: {error}") from None
+        report.modules.append(InjectedModule(name, config.method, base.in_features, base.out_features, split))
+    return report
+
+
+def find_target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
+    """The linear layers (plain or already wrapped) that ``config`` targets, by module name."""
+    candidates = dict(_candidate_modules(model))
+    targets: dict[str, nn.Module] = {}
+    for pattern in config.target_modules:
+        matched = {name: module for name, module in candidates.items() if matches(pattern, name)}
+        if not matched:
+            close = closest_names(pattern, list(candidates))
+            hint = f" Closest module names: {', '.join(close)}." if close else ""
+            raise PeftConfigError(
+                f"target pattern {pattern!r} matches no module of {type(model).__name__}.{hint} "
+                "Use a dot-suffix of a module name (linear_q) or a regex for the full name; "
+                "`ssvd-peft modules` lists the candidates."
+            )
+        linear = {name: module for name, module in matched.items() if _is_linear(module)}
+        if not linear:
+            examples = ", ".join(
+                f"{name} ({type(module).__name__})" for name, module in list(matched.items())[:3]
+            )
+            raise PeftConfigError(
+                f"target pattern {pattern!r} matches only modules that are not nn.Linear: {examples}. "
+                "Adapters wrap nn.Linear layers; target the Linear layers inside them."
+            )
+        targets.update(linear)
+    targets = {
+        name: module
+        for name, module in candidates.items()
+        if name in targets and not matches_any(config.exclude_modules, name)
+    }
+    if not targets:
+        raise PeftConfigError(
+            f"exclude_modules {config.exclude_modules} removes every target; nothing is left to adapt"
+        )
+    for name in targets:
+        _check_forward_is_called(model, name)
+    return targets
+
+
+def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """(name, wrapper) for every adapted layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in iter_adapter_layers(model):
+        names.update(dict.fromkeys(layer.peft_adapters))
+    return list(names)
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Activate ``adapter_name`` on every layer that has it (others run their base weight);
+    only the active adapter's parameters are trainable. None switches all adapters off."""
+    known = adapter_names(model)
+    if adapter_name is not None and adapter_name not in known:
+        raise KeyError(f"no adapter {adapter_name!r} in this model; it has {known}")
+    for _, layer in iter_adapter_layers(model):
+        layer.set_adapter(adapter_name if adapter_name in layer.peft_adapters else None)
+        for name, adapter in layer.peft_adapters.items():
+            adapter.requires_grad_(name == adapter_name)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every active adapter into its base weight (reversible with ``unmerge_adapters``)."""
+    for _, layer in iter_adapter_layers(model):
+        if layer.active_adapter is not None:
+            layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in iter_adapter_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the weights and put plain ``nn.Linear`` layers back."""
+    for name, layer in list(iter_adapter_layers(model)):
+        if layer.active_adapter is not None:
+            layer.merge()
+        else:
+            _release_all(layer)
+        _replace(model, name, layer.base_layer)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and give back the original ``nn.Linear`` layers and weights."""
+    for name, layer in list(iter_adapter_layers(model)):
+        layer.unmerge()
+        _release_all(layer)
+        _replace(model, name, layer.base_layer)
+    return model
+
+
+def mark_only_adapters_trainable(
+    model: nn.Module,
+    modules_to_save: list[str] | None = None,
+    adapter_name: str | None = None,
+) -> None:
+    """Freeze everything except adapter parameters (of ``adapter_name``, default: all adapters)
+    and the modules matching ``modules_to_save`` (e.g. ``["ctc.ctc_lo"]``)."""
+    modules_to_save = modules_to_save or []
+    if modules_to_save:
+        names = [name for name, _ in model.named_modules()]
+        for pattern in modules_to_save:
+            if not any(matches(pattern, name) for name in names):
+                close = closest_names(pattern, names)
+                raise PeftConfigError(
+                    f"modules_to_save pattern {pattern!r} matches no module. Closest: {', '.join(close)}"
+                )
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(
+            is_adapter_parameter(name, adapter_name) or _in_saved_module(name, modules_to_save)
+        )
+
+
+def is_adapter_parameter(parameter_name: str, adapter_name: str | None = None) -> bool:
+    """True for parameters under ``peft_adapters.<adapter_name>.`` (any adapter if None)."""
+    marker = f"{ADAPTERS_ATTR}."
+    if marker not in parameter_name:
+        return False
+    return adapter_name is None or f"{marker}{adapter_name}." in parameter_name
+
+
+def _in_saved_module(parameter_name: str, modules_to_save: list[str]) -> bool:
+    module_name = parameter_name.rsplit(".", 1)[0]
+    parts = module_name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(matches(pattern, prefix) for pattern in modules_to_save for prefix in prefixes)
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules a pattern may target: everything but the insides of wrappers."""
+    for name, module in model.named_modules():
+        if not name or ".base_layer" in f".{name}" or ADAPTERS_ATTR in name.split("."):
+            continue
+        yield name, module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | AdapterLinear)
+
+
+def _check_forward_is_called(model: nn.Module, name: str) -> None:
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        raise PeftConfigError(
+            f"module {name!r} belongs to torch.nn.MultiheadAttention, which reads its weight "
+            "directly and never calls its forward, so an adapter there would do nothing. "
+            "Exclude it (exclude_modules) or adapt the layers around the attention."
+        )
+
+
+def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) -> None:
+    if not isinstance(layer, AdapterLinear) or not layer.peft_adapters:
+        return
+    if adapter_name in layer.peft_adapters:
+        raise PeftConfigError(
+            f"module {name!r} already has an adapter named {adapter_name!r}; "
+            "choose another adapter_name or unload the old one"
+        )
+    owner = next((n for n, a in layer.peft_adapters.items() if a.rewrites_base), None)
+    if owner is not None or method == "pissa":
+        raise PeftConfigError(
+            f"module {name!r}: PiSSA rewrites the base weight to its residual, so it cannot share "
+            f"a layer with other adapters (this layer has {list(layer.peft_adapters)}); "
+            "use separate model copies or unload the existing adapters first"
+        )
+
+
+def _wrap(model: nn.Module, name: str, layer: nn.Linear) -> AdapterLinear:
+    wrapper = AdapterLinear(layer)
+    _replace(model, name, wrapper)
+    return wrapper
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _release_all(layer: AdapterLinear) -> None:
+    for adapter in layer.peft_adapters.values():
+        adapter.release(layer.base_layer)

@@ -1,0 +1,202 @@
+"""The shared wrapper: a frozen ``nn.Linear`` plus named adapters, one of them active.
+
+``AdapterLinear`` computes ``y = adapter(x, base_layer)`` for the active adapter and
+``y = x W^T + b`` when no adapter is active or the active one is merged. It composes the
+base layer (``self.base_layer``) and never copies its weight; in ``state_dict`` the base
+parameters keep their original names (``weight``, ``bias``), so a checkpoint of the base
+model loads into the wrapped model and back.
+
+Every adapter's trainable parameters live under ``peft_adapters.<adapter name>.``, the one
+name segment that freeze and save filters look for.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ADAPTERS_ATTR = "peft_adapters"
+
+
+@dataclass(frozen=True)
+class TrainableSplit:
+    """Trainable parameters of one adapter by the subspace they act on.
+
+    inner: input side (LoRA's A, SSVD's inner rotation); outer: output side (LoRA's B, DoRA's
+    magnitude, SSVD-O's outer rotation); values: singular-value shifts (and their gate).
+    """
+
+    inner: int = 0
+    outer: int = 0
+    values: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.inner + self.outer + self.values
+
+
+class Adapter(nn.Module, ABC):
+    """One method's adapter of one linear layer: its trainable parameters and its math."""
+
+    @staticmethod
+    @abstractmethod
+    def trainable_split(config: Any, in_features: int, out_features: int) -> TrainableSplit:
+        """Closed-form trainable-parameter counts of this adapter on an in -> out layer."""
+
+    @classmethod
+    def num_trainable(cls, config: Any, in_features: int, out_features: int) -> int:
+        return cls.trainable_split(config, in_features, out_features).total
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, base_layer: nn.Linear) -> torch.Tensor:
+        """The adapted layer's output for input ``x``."""
+
+    @abstractmethod
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """W' - W, the change the adapter makes to the (current) base weight."""
+
+    def merge_into(self, base_layer: nn.Linear) -> None:
+        """Write the adapted weight W' into ``base_layer.weight``."""
+        weight = base_layer.weight
+        weight.data += self.delta_weight(weight).to(weight.dtype)
+
+    def unmerge_from(self, base_layer: nn.Linear) -> None:
+        """Restore the weight that ``merge_into`` changed."""
+        weight = base_layer.weight
+        weight.data -= self.delta_weight(weight).to(weight.dtype)
+
+    def release(self, base_layer: nn.Linear) -> None:
+        """Undo any change the adapter made to the base layer when it was created."""
+
+    @property
+    def rewrites_base(self) -> bool:
+        """True if creating the adapter changed the base weight (it then owns the layer alone)."""
+        return False
+
+
+def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """A small signature of a weight: (rows, cols, Frobenius norm, two fixed projections).
+
+    Two loads of the same checkpoint give the same signature to float precision; another
+    base model gives a different one.
+    """
+    w = weight.detach().to(torch.float64).cpu()
+    generator = torch.Generator().manual_seed(20250902)
+    probe_rows = torch.randn(w.shape[0], generator=generator, dtype=torch.float64)
+    probe_cols = torch.randn(w.shape[1], generator=generator, dtype=torch.float64)
+    return torch.stack(
+        [
+            torch.tensor(float(w.shape[0]), dtype=torch.float64),
+            torch.tensor(float(w.shape[1]), dtype=torch.float64),
+            torch.linalg.norm(w),
+            probe_rows @ w @ probe_cols,
+            w.sum(),
+        ]
+    )
+
+
+class AdapterLinear(nn.Module):
+    """A frozen linear layer with named adapters: y = adapter(x; W, b) or x W^T + b."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"AdapterLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.peft_adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self.register_buffer("base_fingerprint", weight_fingerprint(base_layer.weight), persistent=False)
+        self._register_state_dict_hook(_base_names_on_save)
+        self._register_load_state_dict_pre_hook(_base_names_on_load)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, adapter: Adapter, *, activate: bool = True) -> None:
+        if name in self.peft_adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer; pick another name")
+        self.peft_adapters[name] = adapter
+        if activate:
+            self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (None: plain base layer)."""
+        if name is not None and name not in self.peft_adapters:
+            raise KeyError(f"no adapter {name!r}; this layer has {list(self.peft_adapters)}")
+        if self.merged_adapter is not None and self.merged_adapter != name:
+            self.unmerge()
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged_adapter == name:
+            self.unmerge()
+        self.peft_adapters[name].release(self.base_layer)
+        del self.peft_adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active_adapter is None or self.merged_adapter is not None:
+            return self.base_layer(x)
+        return self.peft_adapters[self.active_adapter](x, self.base_layer)
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """W' - W of adapter ``name`` (default: the active one)."""
+        adapter = self._adapter(name)
+        return adapter.delta_weight(self.base_layer.weight)
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight; forward then costs a plain Linear."""
+        if self.merged_adapter is not None:
+            return
+        self._adapter(None).merge_into(self.base_layer)
+        self.merged_adapter = self.active_adapter
+
+    def unmerge(self) -> None:
+        """Restore the base weight that ``merge`` changed."""
+        if self.merged_adapter is None:
+            return
+        self.peft_adapters[self.merged_adapter].unmerge_from(self.base_layer)
+        self.merged_adapter = None
+
+    def _adapter(self, name: str | None) -> Adapter:
+        name = self.active_adapter if name is None else name
+        if name is None:
+            raise RuntimeError("no active adapter on this layer; call set_adapter(name) first")
+        return self.peft_adapters[name]
+
+    def extra_repr(self) -> str:
+        return f"active_adapter={self.active_adapter!r}, merged={self.merged_adapter is not None}"
+
+
+def _base_names_on_save(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    for name in ("weight", "bias"):
+        key = f"{prefix}base_layer.{name}"
+        if key in state_dict:
+            state_dict[f"{prefix}{name}"] = state_dict.pop(key)
+
+
+def _base_names_on_load(state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    for name in ("weight", "bias"):
+        key = f"{prefix}{name}"
+        if key in state_dict:
+            state_dict[f"{prefix}base_layer.{name}"] = state_dict.pop(key)

@@ -1,0 +1,66 @@
+"""PiSSA (Meng et al., 2024, arXiv 2404.02948): LoRA on the principal singular subspace.
+
+With the top-r SVD W ~ U_r diag(s_r) V_r^T:
+    A = diag(sqrt(s_r / scale)) V_r^T,   B = U_r diag(sqrt(s_r / scale)),
+    W_res = W - scale * B A   (written into the base layer: the forward is plain LoRA),
+    y = x W_res^T + b + scale * (dropout(x) A^T) B^T.
+The initial factors A0, B0 are kept (frozen) so that the adapter can be expressed against the
+ORIGINAL weight as a rank-2r LoRA, A' = [A; A0], B' = [B, -B0], and the base weight can be
+restored when the adapter is removed. Trainable parameters per layer: r (in + out).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssvd_peft.config import PissaConfig
+from ssvd_peft.layers.lora import LoraAdapter
+from ssvd_peft.layers.svd import top_singular_triplets
+
+
+class PissaAdapter(LoraAdapter):
+    """LoRA whose factors start as the principal part of W, on the residual W_res."""
+
+    def __init__(self, base_layer: nn.Linear, config: PissaConfig) -> None:
+        super().__init__(base_layer, config)
+        self.svd_method = config.svd_method
+        self.svd_niter = config.svd_niter
+        a0, b0 = self.principal_factors(base_layer.weight)
+        self.register_buffer("initial_A", a0.to(base_layer.weight.dtype))
+        self.register_buffer("initial_B", b0.to(base_layer.weight.dtype))
+        self.lora_A.data.copy_(self.initial_A)
+        self.lora_B.data.copy_(self.initial_B)
+        base_layer.weight.data -= self.scaling * (self.initial_B @ self.initial_A)
+        if not config.init_weights:
+            self.perturb()
+
+    def initialize(self, identity: bool) -> None:
+        """Factors come from the SVD in ``__init__``; nothing to draw here."""
+
+    def perturb(self) -> None:
+        """Move A and B off their initial values (a non-trivial adapter, for tests)."""
+        with torch.no_grad():
+            self.lora_A.add_(torch.randn_like(self.lora_A) * self.lora_A.std())
+            self.lora_B.add_(torch.randn_like(self.lora_B) * self.lora_B.std())
+
+    def principal_factors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A0, B0) from the top-r singular triplets of ``weight``, computed in float32+."""
+        u, s, v = top_singular_triplets(weight, self.rank, self.svd_method, self.svd_niter)
+        root = torch.sqrt(s / self.scaling)
+        return root[:, None] * v.T, u * root[None, :]
+
+    @property
+    def rewrites_base(self) -> bool:
+        return True
+
+    def release(self, base_layer: nn.Linear) -> None:
+        """Give the base layer back its original weight W = W_res + scale * B0 A0."""
+        base_layer.weight.data += self.scaling * (self.initial_B @ self.initial_A)
+
+    def as_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') of the rank-2r LoRA that gives the same layer on the ORIGINAL weight."""
+        return (
+            torch.cat([self.lora_A.detach(), self.initial_A], dim=0),
+            torch.cat([self.lora_B.detach(), -self.initial_B], dim=1),
+        )
