@@ -83,6 +83,11 @@ def inject_adapters(
         layer = model.get_submodule(planned.name)
         wrapper = layer if isinstance(layer, AdapterLinear) else _wrap(model, planned.name, layer)
         wrapper.add_adapter(adapter_name, adapter_class(wrapper.base_layer, config.for_module(planned.name)))
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        configs = {}
+        model.peft_config = configs
+    configs[adapter_name] = config
     if freeze_base:
         mark_only_adapters_trainable(model, adapter_name=adapter_name)
     return plan
@@ -191,7 +196,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         else:
             _release_all(layer)
         _replace(model, name, layer.base_layer)
+    getattr(model, "peft_config", {}).clear()
     return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` everywhere; layers left without adapters become plain again."""
+    for name, layer in list(iter_adapter_layers(model)):
+        if adapter_name in layer.peft_adapters:
+            layer.delete_adapter(adapter_name)
+        if not layer.peft_adapters:
+            _replace(model, name, layer.base_layer)
+    getattr(model, "peft_config", {}).pop(adapter_name, None)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -200,6 +216,7 @@ def unload(model: nn.Module) -> nn.Module:
         layer.unmerge()
         _release_all(layer)
         _replace(model, name, layer.base_layer)
+    getattr(model, "peft_config", {}).clear()
     return model
 
 

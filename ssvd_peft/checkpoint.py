@@ -1,0 +1,200 @@
+"""Adapter-only checkpoints, bound to the base model they were trained on.
+
+One file holds the method, its config, the adapter's trainable tensors (``<module>.<param>``),
+optional full tensors of ``modules_to_save``, and a fingerprint of every adapted base weight
+(see ``weight_fingerprint``). ``load_adapter`` checks the fingerprints against the model it is
+given BEFORE changing it, then injects the config and loads the tensors; a checkpoint of
+another base model is refused with a message naming the first module that differs.
+
+Files are written atomically (temporary file, then rename) and read with
+``torch.load(weights_only=True)``: no arbitrary object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssvd_peft.config import config_from_dict
+from ssvd_peft.inject import (
+    DEFAULT_ADAPTER,
+    InjectionReport,
+    delete_adapter,
+    inject_adapters,
+    iter_adapter_layers,
+)
+from ssvd_peft.layers.base import AdapterLinear, weight_fingerprint
+
+FORMAT = "ssvd-peft-adapter"
+VERSION = 1
+FINGERPRINT_RTOL = 1e-4
+
+
+class AdapterCheckpointError(ValueError):
+    """An adapter checkpoint that cannot be used here; the message says why and what to do."""
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The trainable tensors of adapter ``adapter_name``, keyed ``<module name>.<param name>``."""
+    state: dict[str, torch.Tensor] = {}
+    for module_name, layer in iter_adapter_layers(model):
+        if adapter_name in layer.peft_adapters:
+            for param_name, param in layer.peft_adapters[adapter_name].named_parameters():
+                state[f"{module_name}.{param_name}"] = param.detach().cpu().clone()
+    if not state:
+        raise AdapterCheckpointError(f"the model has no adapter named {adapter_name!r}")
+    return state
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter_name: str = DEFAULT_ADAPTER,
+    modules_to_save: list[str] | None = None,
+) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` (and the full ``modules_to_save``) to ``path``."""
+    configs = getattr(model, "peft_config", {})
+    if adapter_name not in configs:
+        raise AdapterCheckpointError(
+            f"the model has no adapter named {adapter_name!r} (it has {sorted(configs)}); "
+            "inject one with inject_adapters first"
+        )
+    config = configs[adapter_name]
+    modules_to_save = list(modules_to_save or [])
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": config.method,
+        "config": json.dumps(config.to_dict()),
+        "tensors": adapter_state_dict(model, adapter_name),
+        "fingerprints": {
+            name: layer.base_fingerprint.clone()
+            for name, layer in iter_adapter_layers(model)
+            if adapter_name in layer.peft_adapters
+        },
+        "modules_to_save": {name: _module_tensors(model, name) for name in modules_to_save},
+    }
+    return _atomic_save(payload, Path(path))
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT_ADAPTER) -> InjectionReport:
+    """Inject the adapter stored at ``path`` into ``model`` (its base model) and load its tensors."""
+    payload = read_adapter_file(path)
+    check_base_model(model, payload["fingerprints"], path)
+    config = config_from_dict(payload["method"], json.loads(payload["config"]))
+    report = inject_adapters(model, config, adapter_name)
+    try:
+        _load_tensors(model, payload["tensors"], adapter_name, path)
+        for name, tensors in payload["modules_to_save"].items():
+            _load_module_tensors(model, name, tensors, path)
+    except AdapterCheckpointError:
+        delete_adapter(model, adapter_name)
+        raise
+    return report
+
+
+def read_adapter_file(path: str | Path) -> dict[str, Any]:
+    """The checked contents of an adapter file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterCheckpointError(f"adapter checkpoint {str(path)!r} does not exist; check the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise AdapterCheckpointError(
+            f"{str(path)!r} is not a readable adapter checkpoint ({type(error).__name__}: {error}); "
+            "write one with ssvd_peft.checkpoint.save_adapter"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise AdapterCheckpointError(
+            f"{str(path)!r} is not an ssvd-peft adapter checkpoint (no '{FORMAT}' header); "
+            "a full model state dict loads with model.load_state_dict instead"
+        )
+    if payload.get("version") != VERSION:
+        raise AdapterCheckpointError(
+            f"{str(path)!r} has format version {payload.get('version')}; "
+            f"this ssvd-peft reads version {VERSION}"
+        )
+    return payload
+
+
+def check_base_model(model: nn.Module, fingerprints: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a checkpoint whose adapted base weights differ from ``model``'s."""
+    modules = dict(model.named_modules())
+    for name, expected in fingerprints.items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterCheckpointError(
+                f"adapter {str(path)!r} adapts module {name!r}, which this model does not have: "
+                "it was trained on another base model; load it into the model it was trained on"
+            )
+        actual = module.base_fingerprint if isinstance(module, AdapterLinear) else _fingerprint(module)
+        if actual is None or not torch.allclose(actual, expected, rtol=FINGERPRINT_RTOL, atol=1e-6):
+            raise AdapterCheckpointError(
+                f"adapter {str(path)!r} was trained on another base model: the weight of {name!r} "
+                "differs from the one it was trained on. Load the same pretrained checkpoint "
+                "before loading the adapter"
+            )
+
+
+def _fingerprint(module: nn.Module) -> torch.Tensor | None:
+    weight = getattr(module, "weight", None)
+    return weight_fingerprint(weight) if isinstance(weight, torch.Tensor) else None
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, path: Any) -> None:
+    expected = {
+        f"{module_name}.{param_name}": param
+        for module_name, layer in iter_adapter_layers(model)
+        if adapter_name in layer.peft_adapters
+        for param_name, param in layer.peft_adapters[adapter_name].named_parameters()
+    }
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterCheckpointError(
+            f"adapter {str(path)!r} does not fit its own config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; the file is damaged or was edited"
+        )
+    for key, param in expected.items():
+        if tensors[key].shape != param.shape:
+            raise AdapterCheckpointError(
+                f"adapter {str(path)!r}: {key} has shape {tuple(tensors[key].shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key])
+
+
+def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    state = model.get_submodule(name).state_dict()
+    return {key: value.detach().cpu().clone() for key, value in state.items()}
+
+
+def _load_module_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Any) -> None:
+    try:
+        model.get_submodule(name).load_state_dict(tensors)
+    except (AttributeError, RuntimeError) as error:
+        raise AdapterCheckpointError(
+            f"adapter {str(path)!r}: cannot load saved module {name!r} into this model ({error})"
+        ) from None
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
