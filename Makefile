@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` (main job) and `make test` (the test suite).
+# Both create the virtual environment .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torchaudio must match torch exactly; espnet 202511 resolves with this pair.
+TORCH := torch==2.11.0 torchaudio==2.11.0
+
+.PHONY: setup demo test lint benchmark
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet 'pip<25'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[espnet,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ssvd-peft showcase
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/adapter_speed.py

@@ -1,0 +1,55 @@
+"""The ``ssvd-peft`` command.
+
+    ssvd-peft showcase             every method on a small model: budget, learning vs forgetting
+
+Packages add subcommands through the ``ssvd_peft.commands`` entry-point group: each entry is a
+function ``register(subparsers)`` that adds a parser whose ``func`` default runs it (the ESPnet
+plugin adds its model-inspection commands this way, so this module never imports espnet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+
+import torch
+
+from ssvd_peft.config import PeftConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssvd-peft", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    showcase = commands.add_parser("showcase", help="run every method on a small model and print the tables")
+    showcase.add_argument("--steps", type=int, default=300, help="adaptation steps per method")
+    showcase.add_argument("--pretrain-steps", type=int, default=600, help="source-domain pretraining steps")
+    showcase.add_argument("--seed", type=int, default=0)
+    showcase.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    showcase.set_defaults(func=_run_showcase)
+
+    for entry in entry_points(group="ssvd_peft.commands"):
+        entry.load()(commands)
+    return parser
+
+
+def _run_showcase(args: argparse.Namespace) -> None:
+    from ssvd_peft.showcase import run_showcase
+
+    torch.set_num_threads(args.threads)
+    print(run_showcase(steps=args.steps, pretrain_steps=args.pretrain_steps, seed=args.seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PeftConfigError as error:
+        print(f"ssvd-peft: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
