@@ -6,6 +6,7 @@ Closed forms per adapted in -> out layer (see each layer's ``trainable_split``):
     DoRA          r (in + out) + out
     SSVD          k + k_in (k_in - 1) / 2                     (+1 gate with espnet_compat)
     SSVD-O        k + k_in (k_in - 1) / 2 + k_out (k_out - 1) / 2
+    HDMoLE        N r (in + out) + N (in + 1) + (1 | in + 1)     (experts, local router, threshold)
 
 ``format_budget_table`` groups a plan by model part (encoder / decoder / other), by block
 (attention / feed-forward / other) and by subspace (inner = input side, outer = output side,
@@ -22,12 +23,12 @@ from typing import Any
 from torch import nn
 
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
-from ssvd_peft.inject import InjectionReport, plan_injection
+from ssvd_peft.inject import DEFAULT_ADAPTER, InjectionReport, find_target_layers, plan_injection
 from ssvd_peft.layers import ADAPTER_CLASSES
 
 ATTENTION_MARKERS = ("attn", "attention", "linear_q", "linear_k", "linear_v", "linear_out")
 FEED_FORWARD_MARKERS = ("feed_forward", "w_1", "w_2", "ffn", "mlp", "channel_proj", "merge_proj", "fc")
-KNOBS = {"lora": "rank", "dora": "rank", "pissa": "rank", "ssvd": "k", "ssvd_o": "k"}
+KNOBS = {"lora": "rank", "dora": "rank", "pissa": "rank", "ssvd": "k", "ssvd_o": "k", "hdmole": "rank"}
 
 
 def model_part(module_name: str) -> str:
@@ -50,11 +51,13 @@ def block_kind(module_name: str) -> str:
     return "other"
 
 
-def estimate_budget(model: nn.Module, config: AdapterConfig | str, **options: Any) -> InjectionReport:
+def estimate_budget(
+    model: nn.Module, config: AdapterConfig | str, adapter_name: str = DEFAULT_ADAPTER, **options: Any
+) -> InjectionReport:
     """The plan of ``inject_adapters`` (modules and parameter counts) without changing the model."""
     if isinstance(config, str):
         config = config_from_dict(config, options)
-    return plan_injection(model, config)
+    return plan_injection(model, config, adapter_name)
 
 
 def budget_groups(report: InjectionReport) -> dict[tuple[str, str], dict[str, int]]:
@@ -118,17 +121,23 @@ def _closest_config(model: nn.Module, budget: int, method: str, options: dict[st
     if method not in KNOBS:
         config_from_dict(method, options)  # raises the unknown-method error
     knob = KNOBS[method]
-    template = config_from_dict(method, {**options, knob: 1})
-    layers = plan_injection(model, template).modules
+    template = config_from_dict(method, options)
+    layers = [
+        (name, layer.in_features, layer.out_features)
+        for name, layer in find_target_layers(model, template).items()
+    ]
     adapter_class = ADAPTER_CLASSES[method]
-    limit = min(min(m.in_features, m.out_features) for m in layers)
+    limit = min(min(in_features, out_features) for _, in_features, out_features in layers)
     best: tuple[int, AdapterConfig] | None = None
     for value in range(1, limit + 1):
         config = dataclasses.replace(template, **{knob: value})
-        total = sum(
-            adapter_class.num_trainable(config.for_module(m.name), m.in_features, m.out_features)
-            for m in layers
-        )
+        try:
+            total = sum(
+                adapter_class.num_trainable(config.for_module(name), in_features, out_features)
+                for name, in_features, out_features in layers
+            )
+        except ValueError:
+            continue
         distance = abs(total - budget)
         if best is None or distance < best[0]:
             best = (distance, config)

@@ -66,6 +66,11 @@ class AdapterConfig:
                 f"{self.method}: target_modules is empty; name the nn.Linear modules to adapt, "
                 "e.g. target_modules: [linear_q, linear_v, w_1, w_2]"
             )
+        if not isinstance(self.module_overrides, dict):
+            raise PeftConfigError(
+                f"{self.method}: module_overrides must be a mapping {{pattern: {{option: value}}}}, "
+                f"got {self.module_overrides!r}"
+            )
         for pattern, overrides in self.module_overrides.items():
             if not isinstance(overrides, dict):
                 raise PeftConfigError(
@@ -74,8 +79,11 @@ class AdapterConfig:
                 )
             _reject_unknown(self.method, overrides, self.layer_options(), "module_overrides")
         self.validate()
-        for overrides in self.module_overrides.values():
-            dataclasses.replace(self, module_overrides={}, **overrides)
+        for pattern, overrides in self.module_overrides.items():
+            try:
+                dataclasses.replace(self, module_overrides={}, **overrides)
+            except PeftConfigError as error:
+                raise PeftConfigError(f"module_overrides[{pattern!r}]: {error}") from None
 
     def validate(self) -> None:
         """Check the method's options; subclasses raise PeftConfigError on bad values."""
@@ -164,7 +172,9 @@ class SsvdConfig(AdapterConfig):
     k_ratio: float = _help("k as a fraction of m = min(in, out) when k is not given", default=0.4)
     k_in: int | None = _help("size of the inner (input-side) rotation (default: k)", default=None)
     rotation: str = _help("skew -> orthogonal map: cayley (exact), neumann, expm", default="cayley")
-    neumann_terms: int = _help("terms of the truncated Neumann series (rotation: neumann)", default=4)
+    neumann_terms: int = _help(
+        "highest power n of the truncated Neumann series (rotation: neumann)", default=4
+    )
     espnet_compat: bool = _help(
         "reproduce ESPnet master's SSVDLinear: rotation I + 2S, sigmoid gate on the shift, "
         "rotate the smaller side",
@@ -216,14 +226,124 @@ class SsvdOConfig(SsvdConfig):
             )
 
 
+COMBINATIONS = ("product", "mix", "two_stage")
+THRESHOLDS = ("learnable", "input")
+SHARED_EXPERT = -1
+
+
+@dataclass
+class HdmoleConfig(LoraConfig):
+    """HDMoLE: W x + sum_i w_i(x) (alpha / r) B_i A_i x over N LoRA experts tied to M domains.
+
+    Experts are laid out domain by domain (experts_per_domain each), shared experts last; or
+    given explicitly by ``expert_domains`` (one domain id per expert, -1 = shared).
+    """
+
+    method: ClassVar[str] = "hdmole"
+
+    num_experts: int | None = _help(
+        "N LoRA experts per layer (default: num_domains * experts_per_domain + shared_experts)",
+        default=None,
+    )
+    num_domains: int = _help("M domains (accents) of the global domain router", default=2)
+    experts_per_domain: int | None = _help(
+        "experts tied to each domain (default: (N - shared_experts) / M, or 1 without N)", default=None
+    )
+    shared_experts: int = _help("experts that serve every domain (domain gate 1)", default=0)
+    expert_domains: list[int] | None = _help(
+        "explicit expert -> domain map, one entry per expert, -1 = shared (replaces the two above)",
+        default=None,
+    )
+    combination: str = _help(
+        "local x global routing: product (p g renormalised), mix (beta g + (1 - beta) p), "
+        "two_stage (top-1 domain group, then p inside it)",
+        default="product",
+    )
+    mix_beta: float = _help("beta of combination 'mix'", default=0.5)
+    threshold: str = _help(
+        "dynamic threshold: learnable (tau_max sigmoid(theta) per layer) or input "
+        "(tau_max sigmoid(w . x + b) per token)",
+        default="learnable",
+    )
+    tau_max: float | None = _help("upper bound of the threshold (default: 1 / N)", default=None)
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int(self.method, "num_domains", self.num_domains)
+        if self.num_experts is not None:
+            _check_positive_int(self.method, "num_experts", self.num_experts)
+        if self.experts_per_domain is not None:
+            _check_positive_int(self.method, "experts_per_domain", self.experts_per_domain)
+        if self.shared_experts != 0 and not _is_positive_int(self.shared_experts):
+            raise PeftConfigError(
+                f"hdmole: shared_experts must be an integer >= 0, got {self.shared_experts!r}"
+            )
+        _check_choice(self.method, "combination", self.combination, COMBINATIONS)
+        _check_choice(self.method, "threshold", self.threshold, THRESHOLDS)
+        if not 0.0 <= self.mix_beta <= 1.0:
+            raise PeftConfigError(f"hdmole: mix_beta must be in [0, 1], got {self.mix_beta}")
+        if self.tau_max is not None and not 0.0 < self.tau_max <= 1.0:
+            raise PeftConfigError(f"hdmole: tau_max must be in (0, 1], got {self.tau_max}")
+        self.expert_domain_map()
+
+    def expert_domain_map(self) -> list[int]:
+        """pi: the domain id of every expert (SHARED_EXPERT = -1 for shared experts)."""
+        if self.expert_domains is not None:
+            return self._checked_explicit_map()
+        shared, domains = self.shared_experts, self.num_domains
+        per_domain = self.experts_per_domain
+        if per_domain is None:
+            per_domain = 1 if self.num_experts is None else (self.num_experts - shared) // domains
+        total = domains * per_domain + shared
+        if per_domain < 1 or (self.num_experts is not None and self.num_experts != total):
+            raise PeftConfigError(
+                f"hdmole: num_experts={self.num_experts} does not fit num_domains={domains} x "
+                f"experts_per_domain={self.experts_per_domain} + shared_experts={shared}; "
+                "set num_experts = num_domains * experts_per_domain + shared_experts, or leave it out"
+            )
+        return [d for d in range(domains) for _ in range(per_domain)] + [SHARED_EXPERT] * shared
+
+    def _checked_explicit_map(self) -> list[int]:
+        mapping = list(self.expert_domains or [])
+        if self.experts_per_domain is not None or self.shared_experts:
+            raise PeftConfigError(
+                "hdmole: give either expert_domains or experts_per_domain / shared_experts, not both"
+            )
+        valid = set(range(-1, self.num_domains))
+        if any(isinstance(d, bool) or d not in valid for d in mapping):
+            raise PeftConfigError(
+                f"hdmole: expert_domains entries must be domain ids in [0, {self.num_domains}) "
+                f"or -1 (shared); got {mapping}"
+            )
+        missing = sorted(set(range(self.num_domains)) - set(mapping))
+        if missing:
+            raise PeftConfigError(
+                f"hdmole: domains {missing} have no expert in expert_domains={mapping}; "
+                "give every domain at least one expert or lower num_domains"
+            )
+        if self.num_experts is not None and self.num_experts != len(mapping):
+            raise PeftConfigError(
+                f"hdmole: num_experts={self.num_experts} but expert_domains has {len(mapping)} entries"
+            )
+        return mapping
+
+    @property
+    def resolved_tau_max(self) -> float:
+        """tau_max, by default 1 / N: below the largest routing weight, so some expert always passes."""
+        return 1.0 / len(self.expert_domain_map()) if self.tau_max is None else self.tau_max
+
+
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    cls.method: cls for cls in (LoraConfig, DoraConfig, PissaConfig, SsvdConfig, SsvdOConfig)
+    cls.method: cls for cls in (LoraConfig, DoraConfig, PissaConfig, SsvdConfig, SsvdOConfig, HdmoleConfig)
 }
 
 
-def config_from_dict(method: str, options: dict[str, Any]) -> AdapterConfig:
+def config_from_dict(method: str, options: dict[str, Any] | None) -> AdapterConfig:
     """Build the config of ``method`` from a mapping (for example a YAML ``peft_conf`` block)."""
     config_class = config_class_for(method)
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise PeftConfigError(f"{method}: options must be a mapping {{option: value}}, got {options!r}")
     _reject_unknown(method, options, config_class.option_names(), "option")
     return config_class(**options)
 
@@ -246,8 +366,12 @@ def _reject_unknown(method: str, options: dict[str, Any], known: list[str], what
             raise PeftConfigError(f"{method}: unknown {what} {name!r}.{hint} Valid: {', '.join(known)}")
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_positive_int(method: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_positive_int(value):
         raise PeftConfigError(f"{method}: {name} must be a positive integer, got {value!r}")
 
 

@@ -71,7 +71,8 @@ def inject_adapters(
     """Wrap every targeted ``nn.Linear`` of ``model`` in place and add adapter ``adapter_name``.
 
     ``config`` is a config object or a method name whose options come as keyword arguments.
-    With ``freeze_base`` only the new adapter's parameters stay trainable.
+    The wrapped base layers are always frozen; with ``freeze_base`` every other parameter of the
+    model is frozen too, so that only the new adapter trains.
     """
     if isinstance(config, str):
         config = config_from_dict(config, options)
@@ -79,10 +80,18 @@ def inject_adapters(
         raise TypeError("pass options either inside the config object or with a method name, not both")
     plan = plan_injection(model, config, adapter_name)
     adapter_class = ADAPTER_CLASSES[config.method]
-    for planned in plan.modules:
-        layer = model.get_submodule(planned.name)
-        wrapper = layer if isinstance(layer, AdapterLinear) else _wrap(model, planned.name, layer)
-        wrapper.add_adapter(adapter_name, adapter_class(wrapper.base_layer, config.for_module(planned.name)))
+    touched: list[_Touched] = []
+    try:
+        for planned in plan.modules:
+            layer = model.get_submodule(planned.name)
+            touched.append(_Touched.record(planned.name, layer))
+            wrapper = layer if isinstance(layer, AdapterLinear) else _wrap(model, planned.name, layer)
+            adapter = adapter_class(wrapper.base_layer, config.for_module(planned.name))
+            wrapper.add_adapter(adapter_name, adapter)
+    except BaseException:
+        for record in reversed(touched):
+            record.restore(model, adapter_name)
+        raise
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         configs = {}
@@ -98,7 +107,8 @@ def plan_injection(
 ) -> InjectionReport:
     """What ``inject_adapters`` would do, checked in full, without changing the model."""
     adapter_class = ADAPTER_CLASSES[config.method]
-    report = InjectionReport(adapter_name, config.method, [], sum(p.numel() for p in model.parameters()))
+    base_parameters = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+    report = InjectionReport(adapter_name, config.method, [], base_parameters)
     for name, layer in find_target_layers(model, config).items():
         base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
         _check_can_add(name, layer, adapter_name, config.method)
@@ -288,6 +298,11 @@ def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) 
             f"module {name!r} already has an adapter named {adapter_name!r}; "
             "choose another adapter_name or unload the old one"
         )
+    if layer.merged_adapter is not None:
+        raise PeftConfigError(
+            f"module {name!r} has adapter {layer.merged_adapter!r} merged into its weight, so a new "
+            "adapter would be built from the merged weight; call unmerge_adapters(model) first"
+        )
     owner = next((n for n, a in layer.peft_adapters.items() if a.rewrites_base), None)
     if owner is not None or method == "pissa":
         raise PeftConfigError(
@@ -295,6 +310,33 @@ def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) 
             f"a layer with other adapters (this layer has {list(layer.peft_adapters)}); "
             "use separate model copies or unload the existing adapters first"
         )
+
+
+@dataclass(frozen=True)
+class _Touched:
+    """A targeted module as it was before ``inject_adapters`` changed it, to undo a failed call."""
+
+    name: str
+    module: nn.Module
+    active_adapter: str | None
+    requires_grad: tuple[bool, ...]
+
+    @classmethod
+    def record(cls, name: str, module: nn.Module) -> _Touched:
+        active = module.active_adapter if isinstance(module, AdapterLinear) else None
+        return cls(name, module, active, tuple(p.requires_grad for p in module.parameters()))
+
+    def restore(self, model: nn.Module, adapter_name: str) -> None:
+        """Remove ``adapter_name`` (which undoes its change to the base weight) and any new wrapper."""
+        current = model.get_submodule(self.name)
+        if isinstance(current, AdapterLinear) and adapter_name in current.peft_adapters:
+            current.delete_adapter(adapter_name)
+        if current is self.module:
+            current.set_adapter(self.active_adapter)
+        else:
+            _replace(model, self.name, self.module)
+        for parameter, requires_grad in zip(self.module.parameters(), self.requires_grad, strict=True):
+            parameter.requires_grad_(requires_grad)
 
 
 def _wrap(model: nn.Module, name: str, layer: nn.Linear) -> AdapterLinear:

@@ -2,6 +2,7 @@
 
 from ssvd_peft.layers.base import Adapter, AdapterLinear
 from ssvd_peft.layers.dora import DoraAdapter
+from ssvd_peft.layers.hdmole import HdmoleAdapter
 from ssvd_peft.layers.lora import LoraAdapter
 from ssvd_peft.layers.pissa import PissaAdapter
 from ssvd_peft.layers.ssvd import SsvdAdapter
@@ -12,6 +13,7 @@ ADAPTER_CLASSES: dict[str, type[Adapter]] = {
     "pissa": PissaAdapter,
     "ssvd": SsvdAdapter,
     "ssvd_o": SsvdAdapter,
+    "hdmole": HdmoleAdapter,
 }
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "Adapter",
     "AdapterLinear",
     "DoraAdapter",
+    "HdmoleAdapter",
     "LoraAdapter",
     "PissaAdapter",
     "SsvdAdapter",

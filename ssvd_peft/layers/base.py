@@ -72,6 +72,10 @@ class Adapter(nn.Module, ABC):
     def release(self, base_layer: nn.Linear) -> None:
         """Undo any change the adapter made to the base layer when it was created."""
 
+    def base_offset(self) -> torch.Tensor | None:
+        """What creating the adapter subtracted from the base weight (None: nothing)."""
+        return None
+
     @property
     def rewrites_base(self) -> bool:
         """True if creating the adapter changed the base weight (it then owns the layer alone)."""
@@ -112,8 +116,8 @@ class AdapterLinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.register_buffer("base_fingerprint", weight_fingerprint(base_layer.weight), persistent=False)
-        self._register_state_dict_hook(_base_names_on_save)
-        self._register_load_state_dict_pre_hook(_base_names_on_load)
+        self._register_state_dict_hook(_original_base_on_save)
+        self._register_load_state_dict_pre_hook(_original_base_on_load, with_module=True)
 
     @property
     def in_features(self) -> int:
@@ -160,7 +164,12 @@ class AdapterLinear(nn.Module):
         return self.peft_adapters[self.active_adapter](x, self.base_layer)
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
-        """W' - W of adapter ``name`` (default: the active one)."""
+        """W' - W of adapter ``name`` (default: the active one) against the unmerged base weight."""
+        if self.merged_adapter is not None:
+            raise RuntimeError(
+                f"adapter {self.merged_adapter!r} is merged, so the base weight already holds W'; "
+                "call unmerge() before asking for delta_weight()"
+            )
         adapter = self._adapter(name)
         return adapter.delta_weight(self.base_layer.weight)
 
@@ -178,6 +187,11 @@ class AdapterLinear(nn.Module):
         self.peft_adapters[self.merged_adapter].unmerge_from(self.base_layer)
         self.merged_adapter = None
 
+    def base_weight_offset(self) -> torch.Tensor | None:
+        """The sum of the adapters' ``base_offset``: original W = base_layer.weight + offset."""
+        offsets = [o for o in (a.base_offset() for a in self.peft_adapters.values()) if o is not None]
+        return torch.stack(offsets).sum(0) if offsets else None
+
     def _adapter(self, name: str | None) -> Adapter:
         name = self.active_adapter if name is None else name
         if name is None:
@@ -188,15 +202,28 @@ class AdapterLinear(nn.Module):
         return f"active_adapter={self.active_adapter!r}, merged={self.merged_adapter is not None}"
 
 
-def _base_names_on_save(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+def _original_base_on_save(
+    module: AdapterLinear, state_dict: dict[str, Any], prefix: str, _meta: Any
+) -> None:
+    """Store the base parameters under their original names and values (W, not PiSSA's W_res)."""
     for name in ("weight", "bias"):
         key = f"{prefix}base_layer.{name}"
         if key in state_dict:
             state_dict[f"{prefix}{name}"] = state_dict.pop(key)
+    offset = module.base_weight_offset()
+    if offset is not None:
+        state_dict[f"{prefix}weight"] = state_dict[f"{prefix}weight"] + offset
 
 
-def _base_names_on_load(state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+def _original_base_on_load(
+    module: AdapterLinear, state_dict: dict[str, Any], prefix: str, *_args: Any
+) -> None:
+    """Read original base parameters into the wrapped layer (W_res = W - offset for PiSSA)."""
     for name in ("weight", "bias"):
         key = f"{prefix}{name}"
         if key in state_dict:
             state_dict[f"{prefix}base_layer.{name}"] = state_dict.pop(key)
+    offset = module.base_weight_offset()
+    key = f"{prefix}base_layer.weight"
+    if offset is not None and key in state_dict:
+        state_dict[key] = state_dict[key] - offset.to(state_dict[key].device)

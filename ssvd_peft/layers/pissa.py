@@ -54,9 +54,13 @@ class PissaAdapter(LoraAdapter):
     def rewrites_base(self) -> bool:
         return True
 
+    def base_offset(self) -> torch.Tensor:
+        """scale * B0 A0: the original weight is W = W_res + scale * B0 A0."""
+        return self.scaling * (self.initial_B @ self.initial_A)
+
     def release(self, base_layer: nn.Linear) -> None:
         """Give the base layer back its original weight W = W_res + scale * B0 A0."""
-        base_layer.weight.data += self.scaling * (self.initial_B @ self.initial_A)
+        base_layer.weight.data += self.base_offset()
 
     def as_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') of the rank-2r LoRA that gives the same layer on the ORIGINAL weight."""

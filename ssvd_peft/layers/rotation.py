@@ -6,7 +6,7 @@ Maps from S to a matrix R (all equal I at S = 0):
 
 - ``cayley``:  R = (I - S)^{-1} (I + S), exactly orthogonal (a linear solve of size k);
 - ``neumann``: R = (I + S + S^2 + ... + S^n) (I + S), the Cayley map with (I - S)^{-1}
-  replaced by its Neumann series of n terms; orthogonal up to O(||S||^(n+1));
+  replaced by its Neumann series truncated after S^n; orthogonal up to O(||S||^(n+1));
 - ``expm``:    R = exp(S), exactly orthogonal (torch.linalg.matrix_exp);
 - ``first_order``: R = I + 2S, ESPnet master's rotation (R R^T = I - 4 S^2, not orthogonal).
 """

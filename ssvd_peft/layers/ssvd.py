@@ -15,11 +15,14 @@ k + k_in (k_in - 1) / 2 + k_out (k_out - 1) / 2; all start at zero, so W' = W.
 d' = sigmoid(g) d, the rotation is first-order, A = I + 2S, and it acts on the singular vectors
 of the SMALLER side (out >= in: P_in^T = A; out < in: P_out = A^T). Trainable: k + 1 + k_in(k_in-1)/2.
 
-Forward. The low-rank path costs T k (in + out + k) for T tokens:
-    y = x W^T + b + ((x V_k) M^T) U_k^T.
-The merged path builds W' once, k in (out + k), then runs one dense layer:
+Forward, for T tokens. Both paths pay the dense product T in out; on top of it the low-rank
+path costs T k (in + k + out):
+    y = x W^T + b + ((x V_k) M^T) U_k^T,
+and the merged path costs k out (k + in) to build W' = W + (U_k M) V_k^T, then
     y = x W'^T + b.
-``prefers_merged_path`` compares both (with backward in training) and the cheaper one runs.
+In training both keep only x V_k (T x k) for backward, never W', and share one backward:
+    dM = (dy U_k)^T (x V_k),   dx = dy W' (rebuilt when T > out, else dy W + ((dy U_k) M) V_k^T).
+``prefers_merged_path`` compares the two forwards and the cheaper one runs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ssvd_peft.config import SsvdConfig, SsvdOConfig
 from ssvd_peft.layers.base import Adapter, TrainableSplit
@@ -83,18 +87,84 @@ def ssvd_dims(config: SsvdConfig, in_features: int, out_features: int) -> SsvdDi
 def prefers_merged_path(tokens: int, in_features: int, out_features: int, k: int, training: bool) -> bool:
     """True if building W' once is cheaper (in multiply-adds) than the low-rank path.
 
-    Inference: low-rank T k (in + out + k) vs merged k in (out + k).
-    Training (forward + backward): low-rank T k (2 (in + out) + 3 k)
-    vs merged 2 k in (out + k) + T in out (the gradient of the dense W').
+    Low-rank: T k (in + k + out). Merged: k out (k + in) to build W', plus T in k for x V_k
+    when training (kept for the gradient of M). The dense T in out and the backward are the
+    same for both paths, so they cancel.
     """
-    build = k * in_features * (out_features + k)
-    if training:
-        low_rank = tokens * k * (2 * (in_features + out_features) + 3 * k)
-        merged = 2 * build + tokens * in_features * out_features
-    else:
-        low_rank = tokens * k * (in_features + out_features + k)
-        merged = build
+    build = k * out_features * (k + in_features)
+    low_rank = tokens * k * (in_features + k + out_features)
+    merged = build + (tokens * in_features * k if training else 0)
     return merged < low_rank
+
+
+class SubspaceLinear(torch.autograd.Function):
+    """y = x W^T + b + ((x V_k) M^T) U_k^T on 2-d x, saving only x V_k for backward.
+
+    ``merged`` computes the same y as x W'^T + b with W' = W + (U_k M) V_k^T. The gradient of
+    M is (dy U_k)^T (x V_k) on either path; dx = dy W' rebuilds W' when T > out and otherwise
+    takes the low-rank form dy W + ((dy U_k) M) V_k^T. W and b get gradients only if they
+    require them (AdapterLinear freezes them). Backward computes in the dtype of dy, as
+    autocast did in forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        core: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        singular_U: torch.Tensor,
+        singular_V: torch.Tensor,
+        merged: bool,
+    ) -> torch.Tensor:
+        projected = project(x, singular_V) if not merged or ctx.needs_input_grad[1] else None
+        if merged:
+            output = F.linear(x, adapted_weight(weight, core, singular_U, singular_V), bias)
+        else:
+            output = torch.addmm(F.linear(x, weight, bias), projected @ core.T, singular_U.T)
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[2] else None, projected, core, weight, singular_U, singular_V
+        )
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, projected, core, weight, singular_U, singular_V = (
+            None if t is None else t.to(grad_output.dtype) for t in ctx.saved_tensors
+        )
+        needs_x, needs_core, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+        rebuild = grad_output.shape[0] > weight.shape[0]
+        grad_x = grad_core = grad_weight = grad_bias = None
+        if needs_core or (needs_x and not rebuild):
+            grad_up = project(grad_output, singular_U)
+        if needs_core:
+            grad_core = grad_up.T @ projected
+        if needs_x and rebuild:
+            grad_x = grad_output @ adapted_weight(weight, core, singular_U, singular_V)
+        elif needs_x:
+            grad_x = torch.addmm(grad_output @ weight, grad_up @ core, singular_V.T)
+        if needs_weight:
+            grad_weight = grad_output.T @ x
+        if needs_bias:
+            grad_bias = grad_output.sum(0)
+        return grad_x, grad_core, grad_weight, grad_bias, None, None, None
+
+
+def project(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """rows @ basis for a thin basis (n x k), as (basis^T rows^T)^T: the same product, which
+    BLAS runs faster in this orientation when k is small."""
+    return (basis.T @ rows.T).T
+
+
+def adapted_weight(
+    weight: torch.Tensor, core: torch.Tensor, singular_U: torch.Tensor, singular_V: torch.Tensor
+) -> torch.Tensor:
+    """W' = W + (U_k M) V_k^T."""
+    return torch.addmm(weight, singular_U @ core, singular_V.T)
 
 
 class SsvdAdapter(Adapter):
@@ -143,38 +213,54 @@ class SsvdAdapter(Adapter):
         shift = self.ssvd_shift if self.ssvd_gate is None else torch.sigmoid(self.ssvd_gate) * self.ssvd_shift
         return self.singular_values + shift
 
-    def side_rotation(self, params: torch.Tensor, size: int) -> torch.Tensor:
-        """blockdiag(R, I_{k - size}) with R = rotation(skew(params))."""
-        k = self.dims.k
+    def leading_rotation(self, params: torch.Tensor, size: int) -> torch.Tensor | None:
+        """R = rotation(skew(params)), the size x size block of blockdiag(R, I) (None if size = 0)."""
         if size == 0:
-            return torch.eye(k, dtype=params.dtype, device=params.device)
-        rotation = rotation_from_skew(skew_from_params(params, size), self.rotation, self.neumann_terms)
-        if size == k:
-            return rotation
-        return torch.block_diag(rotation, torch.eye(k - size, dtype=params.dtype, device=params.device))
+            return None
+        return rotation_from_skew(skew_from_params(params, size), self.rotation, self.neumann_terms)
 
     def core_matrix(self) -> torch.Tensor:
-        """M = P_out diag(s_k + d) P_in^T - diag(s_k), a k x k matrix."""
-        p_in_t = self.side_rotation(self.ssvd_inner, self.dims.k_in)
-        p_out = self.side_rotation(self.ssvd_outer, self.dims.k_out)
-        if not self.espnet_compat:
-            p_in_t = p_in_t.T
+        """M = P_out diag(s_k + d) P_in^T - diag(s_k), a k x k matrix.
+
+        Only the leading blocks of P_in and P_out rotate: diag(s_k + d) P_in^T scales the
+        rows of blockdiag(R_in^T, I), and P_out mixes only its first k_out rows.
+        """
+        k_in, k_out = self.dims.k_in, self.dims.k_out
+        inner = self.leading_rotation(self.ssvd_inner, k_in)
+        outer = self.leading_rotation(self.ssvd_outer, k_out)
+        if not self.espnet_compat and inner is not None:
+            inner = inner.T
+        if self.espnet_compat and outer is not None:
+            outer = outer.T
+        k, values = self.dims.k, self.shifted_values()
+        if inner is None:
+            scaled = torch.diag(values)
         else:
-            p_out = p_out.T
-        return p_out @ (self.shifted_values()[:, None] * p_in_t) - torch.diag(self.singular_values)
+            scaled = values[:k_in, None] * inner
+            if k_in < k:
+                scaled = torch.block_diag(scaled, torch.diag(values[k_in:]))
+        if outer is not None:
+            rotated = outer @ scaled[:k_out]
+            scaled = rotated if k_out == k else torch.cat([rotated, scaled[k_out:]])
+        return scaled - torch.diag(self.singular_values)
 
     def forward(self, x: torch.Tensor, base_layer: nn.Linear) -> torch.Tensor:
         core = self.core_matrix().to(x.dtype)
         tokens = x.numel() // x.shape[-1]
-        training = torch.is_grad_enabled() and self.ssvd_shift.requires_grad
-        if prefers_merged_path(
-            tokens, base_layer.in_features, base_layer.out_features, self.dims.k, training
-        ):
-            weight = base_layer.weight + self.singular_U @ (core @ self.singular_V.T)
-            return F.linear(x, weight, base_layer.bias)
-        low_rank = F.linear(F.linear(F.linear(x, self.singular_V.T), core), self.singular_U)
-        return base_layer(x) + low_rank
+        merged = prefers_merged_path(
+            tokens, base_layer.in_features, base_layer.out_features, self.dims.k, core.requires_grad
+        )
+        output = SubspaceLinear.apply(
+            x.reshape(tokens, x.shape[-1]),
+            core,
+            base_layer.weight,
+            base_layer.bias,
+            self.singular_U,
+            self.singular_V,
+            merged,
+        )
+        return output.reshape(*x.shape[:-1], base_layer.out_features)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         core = self.core_matrix().to(base_weight.dtype)
-        return self.singular_U @ core @ self.singular_V.T
+        return (self.singular_U @ core) @ self.singular_V.T
