@@ -135,6 +135,7 @@ def check_base_model(model: nn.Module, fingerprints: dict[str, torch.Tensor], pa
                 "it was trained on another base model; load it into the model it was trained on"
             )
         actual = module.base_fingerprint if isinstance(module, AdapterLinear) else _fingerprint(module)
+        expected = expected.to(torch.float64)
         if actual is None or not torch.allclose(actual, expected, rtol=FINGERPRINT_RTOL, atol=1e-6):
             raise AdapterCheckpointError(
                 f"adapter {str(path)!r} was trained on another base model: the weight of {name!r} "

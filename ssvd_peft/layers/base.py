@@ -83,10 +83,11 @@ class Adapter(nn.Module, ABC):
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    """A small signature of a weight: (rows, cols, Frobenius norm, two fixed projections).
+    """A small float64 signature of a weight: (rows, cols, Frobenius norm, two fixed projections).
 
     Two loads of the same checkpoint give the same signature to float precision; another
-    base model gives a different one.
+    base model gives a different one. Kept as a plain attribute, so ``model.to(dtype)``
+    leaves it in float64.
     """
     w = weight.detach().to(torch.float64).cpu()
     generator = torch.Generator().manual_seed(20250902)
@@ -115,7 +116,7 @@ class AdapterLinear(nn.Module):
         self.peft_adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
-        self.register_buffer("base_fingerprint", weight_fingerprint(base_layer.weight), persistent=False)
+        self.base_fingerprint = weight_fingerprint(base_layer.weight)
         self._register_state_dict_hook(_original_base_on_save)
         self._register_load_state_dict_pre_hook(_original_base_on_load, with_module=True)
 

@@ -146,7 +146,7 @@ class SubspaceLinear(torch.autograd.Function):
         if needs_x and rebuild:
             grad_x = grad_output @ adapted_weight(weight, core, singular_U, singular_V)
         elif needs_x:
-            grad_x = torch.addmm(grad_output @ weight, grad_up @ core, singular_V.T)
+            grad_x = (grad_output @ weight).addmm_(grad_up @ core, singular_V.T)
         if needs_weight:
             grad_weight = grad_output.T @ x
         if needs_bias:

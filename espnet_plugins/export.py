@@ -1,0 +1,65 @@
+"""An ordinary ESPnet model from base + adapter: W' = W + delta W folded into every adapted layer.
+
+``export_merged`` writes ``config.yaml`` (the training config without the peft block) and
+``model.pth`` (the full merged state dict) into a directory. Stock ESPnet loads them with no
+plugin (``espnet2.bin.asr_inference --asr_train_config <dir>/config.yaml --asr_model_file
+<dir>/model.pth``) and decodes exactly as the adapted model does. Before writing, the merged
+state dict is checked against a model built by the stock task from the written config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
+
+from espnet_plugins.options import without_peft_options
+from espnet_plugins.task import PeftTaskMixin
+from ssvd_peft.inject import merge_and_unload
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.pth"
+
+
+class ExportError(RuntimeError):
+    """A merged model that stock ESPnet would not load as it is."""
+
+
+def export_merged(
+    task: type[Any], train_config: str | Path, model_file: str | Path, output_dir: str | Path
+) -> tuple[Path, Path]:
+    """Merge the adapter of ``model_file`` into its base model; return (config path, model path)."""
+    model, args = task.build_model_from_file(train_config, model_file, "cpu")
+    merge_and_unload(model)
+    state = model.state_dict()
+    config = without_peft_options(vars(args))
+    check_stock_keys(task, config, state)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path, model_path = output_dir / CONFIG_FILE, output_dir / MODEL_FILE
+    with config_path.open("w", encoding="utf-8") as f:
+        yaml_no_alias_safe_dump(config, f, indent=4, sort_keys=False)
+    torch.save(state, model_path)
+    logger.info("Wrote the merged model to %s and its config to %s", model_path, config_path)
+    return config_path, model_path
+
+
+def check_stock_keys(task: type[Any], config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The stock task (the first base that is not adapter-aware) must build a model with these keys."""
+    stock_task = next(
+        base for base in task.__mro__ if "build_model" in vars(base) and not issubclass(base, PeftTaskMixin)
+    )
+    with torch.device("meta"):
+        expected = set(stock_task.build_model(argparse.Namespace(**config)).state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ExportError(
+            f"the merged state dict does not match the stock {stock_task.__name__} model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -1,0 +1,124 @@
+"""The ``peft`` block of an ESPnet training config: its command-line options and their meaning.
+
+    peft: ssvd_o                        # lora | dora | pissa | ssvd | ssvd_o
+    peft_conf: {target_modules: [linear_q, linear_v], k_ratio: 0.25}
+    peft_pretrained: exp/base/valid.acc.ave.pth   # base weights, loaded before injection
+    peft_pretrained_config: null        # default: config.yaml next to peft_pretrained
+    peft_modules_to_save: [ctc.ctc_lo]  # trained in full and saved with the adapter
+    peft_save: adapter                  # adapter: model files hold adapter tensors only; all
+
+Without ``peft`` the task behaves exactly like ESPnet's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+from espnet2.utils.nested_dict_action import NestedDictAction
+from espnet2.utils.types import str_or_none
+
+from ssvd_peft.config import CONFIG_CLASSES, AdapterConfig, config_from_dict
+from ssvd_peft.inject import DEFAULT_ADAPTER
+
+SAVE_MODES = ("adapter", "all")
+
+
+@dataclass
+class PeftOptions:
+    """The peft block, read from parsed ESPnet arguments."""
+
+    method: str
+    conf: dict[str, Any]
+    pretrained: str | None = None
+    pretrained_config: str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+    save: str = "adapter"
+    adapter_name: str = DEFAULT_ADAPTER
+    init_param: list[str] = field(default_factory=list)
+
+    def adapter_config(self) -> AdapterConfig:
+        return config_from_dict(self.method, dict(self.conf))
+
+
+def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Parameter-efficient fine-tuning (ssvd-peft)")
+    group.add_argument(
+        "--peft",
+        type=str_or_none,
+        default=None,
+        choices=[*CONFIG_CLASSES, None],
+        help="Adapter method; the base model is frozen and only the adapters train",
+    )
+    group.add_argument(
+        "--peft_conf",
+        action=NestedDictAction,
+        default=dict(),
+        help="Method options: target_modules, exclude_modules, rank, k_ratio, ... (see ssvd_peft.config)",
+    )
+    group.add_argument(
+        "--peft_pretrained",
+        type=str_or_none,
+        default=None,
+        help="Model file of the pretrained base model, loaded (strictly) before the adapters are injected",
+    )
+    group.add_argument(
+        "--peft_pretrained_config",
+        type=str_or_none,
+        default=None,
+        help="Training config of the pretrained model; the model-defining options (encoder, decoder, "
+        "frontend, token_list, ...) that this config leaves at their defaults are taken from it; "
+        "default: config.yaml next to --peft_pretrained if it exists",
+    )
+    group.add_argument(
+        "--peft_modules_to_save",
+        type=str,
+        nargs="*",
+        default=[],
+        help="Modules trained in full and saved with the adapter, e.g. ctc.ctc_lo",
+    )
+    group.add_argument(
+        "--peft_save",
+        type=str,
+        default="adapter",
+        choices=SAVE_MODES,
+        help="adapter: model files (Nepoch.pth, *.best.pth, checkpoint.pth) hold only the adapter "
+        "and modules_to_save tensors; all: the full state dict",
+    )
+    group.add_argument(
+        "--peft_adapter_name",
+        type=str,
+        default=DEFAULT_ADAPTER,
+        help="Name of the injected adapter",
+    )
+    group.add_argument(
+        "--peft_init_param",
+        type=str,
+        nargs="*",
+        default=[],
+        help="Set by the task: the --init_param entries it loaded before injecting the adapters "
+        "(recorded so that inference rebuilds the same base model)",
+    )
+
+
+def peft_options(args: argparse.Namespace) -> PeftOptions | None:
+    """The peft block of ``args``, or None when no adapter method is set."""
+    method = getattr(args, "peft", None)
+    if method is None:
+        return None
+    return PeftOptions(
+        method=method,
+        conf=dict(getattr(args, "peft_conf", None) or {}),
+        pretrained=getattr(args, "peft_pretrained", None),
+        pretrained_config=getattr(args, "peft_pretrained_config", None),
+        modules_to_save=list(getattr(args, "peft_modules_to_save", None) or []),
+        save=getattr(args, "peft_save", "adapter"),
+        adapter_name=getattr(args, "peft_adapter_name", DEFAULT_ADAPTER),
+        init_param=list(getattr(args, "peft_init_param", None) or []),
+    )
+
+
+def without_peft_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A training config with the peft block removed (what a plain ESPnet model needs)."""
+    return {key: value for key, value in config.items() if key != "peft" and not key.startswith("peft_")}

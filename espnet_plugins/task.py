@@ -1,0 +1,135 @@
+"""What every adapter-aware ESPnet task adds to its base task (mixed in before it).
+
+    class PeftASRTask(PeftTaskMixin, ASRTask): ...
+
+Order of events when the config has a peft block:
+  1. architecture options the config leaves at their defaults come from the pretrained model's
+     config (``pretrained.py``);
+  2. the base task builds the model;
+  3. --peft_pretrained is loaded strictly, then every --init_param entry (ESPnet's own option,
+     moved to --peft_init_param so that it is applied once, before injection, and recorded);
+  4. the adapters are injected into the loaded weights (SVD-based methods factorise them),
+     everything but the adapters and --peft_modules_to_save is frozen, and the budget is logged;
+  5. with --peft_save adapter, model files hold only the adapter entries (``state.py``).
+Without a peft block the task is the base task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from espnet2.train.abs_espnet_model import AbsESPnetModel
+
+from espnet_plugins.options import PeftOptions, add_peft_arguments, peft_options
+from espnet_plugins.pretrained import adopt_pretrained_architecture, architecture_keys, load_base_weights
+from espnet_plugins.state import keep_adapter_entries, load_adapter_entries
+from espnet_plugins.trainer import PeftTrainer, budget_summary
+from ssvd_peft.config import AdapterConfig
+from ssvd_peft.inject import InjectionReport, inject_adapters, mark_only_adapters_trainable, merge_adapters
+
+logger = logging.getLogger(__name__)
+
+
+class PeftTaskMixin:
+    """Adds the peft block to an ESPnet task (``AbsTask`` subclass that comes after it in the bases)."""
+
+    trainer = PeftTrainer
+    merge_on_load: bool = False
+
+    @classmethod
+    def add_task_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        super().add_task_arguments(parser)
+        add_peft_arguments(parser)
+
+    @classmethod
+    def main_worker(cls, args: argparse.Namespace) -> None:
+        """The base task's worker; then the process group it started (DDP) is closed on every rank."""
+        super().main_worker(args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    @classmethod
+    def check_required_command_args(cls, args: argparse.Namespace) -> None:
+        """Check the peft block and fill the architecture from the pretrained config (it may supply
+        --token_list) before ESPnet checks the required options."""
+        options = peft_options(args)
+        if options is not None:
+            options.adapter_config()
+            cls.adopt_pretrained_architecture(args, options)
+        super().check_required_command_args(args)
+
+    @classmethod
+    def build_model(cls, args: argparse.Namespace) -> AbsESPnetModel:
+        """The base task's model with its pretrained weights loaded and the adapters injected."""
+        options = peft_options(args)
+        if options is None:
+            return super().build_model(args)
+        config = options.adapter_config()
+        cls.adopt_pretrained_architecture(args, options)
+        _record_init_param(args, options)
+        model = super().build_model(args)
+        load_base_weights(model, options, getattr(args, "ignore_init_mismatch", False))
+        report = attach_adapters(model, options, config)
+        logger.info("Parameter-efficient fine-tuning with %s:\n%s", report.method, budget_summary(model))
+        return model
+
+    @classmethod
+    def adopt_pretrained_architecture(cls, args: argparse.Namespace, options: PeftOptions) -> None:
+        keys = architecture_keys(cls.class_choices_list)
+        parser = cls.get_parser()
+        adopt_pretrained_architecture(args, options, keys, {key: parser.get_default(key) for key in keys})
+
+    @classmethod
+    def build_model_from_file(
+        cls,
+        config_file: Path | str | None = None,
+        model_file: Path | str | None = None,
+        device: str = "cpu",
+    ) -> tuple[AbsESPnetModel, argparse.Namespace]:
+        """Base model + adapter from a training config and a (possibly adapter-only) model file."""
+        config_path = (
+            Path(config_file) if config_file is not None else Path(model_file).parent / "config.yaml"
+        )
+        with config_path.open(encoding="utf-8") as f:
+            args = argparse.Namespace(**yaml.safe_load(f))
+        options = peft_options(args)
+        if options is None:
+            return super().build_model_from_file(config_file, model_file, device)
+        model = cls.build_model(args)
+        if model_file is not None:
+            state = torch.load(model_file, map_location="cpu", weights_only=True)
+            load_adapter_entries(model, state.get("module", state), options.modules_to_save, str(model_file))
+        if cls.merge_on_load:
+            merge_adapters(model)
+        return model.to(device), args
+
+
+def attach_adapters(model: torch.nn.Module, options: PeftOptions, config: AdapterConfig) -> InjectionReport:
+    """Inject the adapters, freeze the rest, and choose what the model's state dict holds."""
+    report = inject_adapters(model, config, options.adapter_name)
+    mark_only_adapters_trainable(model, modules_to_save=options.modules_to_save)
+    if options.save == "adapter":
+        keep_adapter_entries(model, options.modules_to_save)
+    model.peft_options = options
+    model.peft_report = report
+    return report
+
+
+def with_merged_adapters(task: type[Any]) -> type[Any]:
+    """The same task, but models loaded from files have their adapters merged into the weights."""
+    return type(f"{task.__name__}Merged", (task,), {"merge_on_load": True})
+
+
+def _record_init_param(args: argparse.Namespace, options: PeftOptions) -> None:
+    """Move --init_param to --peft_init_param: loaded once, before injection, and kept in config.yaml."""
+    init_param = list(getattr(args, "init_param", None) or [])
+    if init_param:
+        options.init_param = options.init_param + init_param
+        args.peft_init_param = options.init_param
+        args.init_param = []

@@ -1,0 +1,45 @@
+"""Running ESPnet entry points in a subprocess, as a recipe would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "conf" / "tiny" / "asr_transformer.yaml"
+
+
+def run_module(module: str, args: list[str], cwd: Path, log: Path) -> str:
+    """``python -m module args`` in ``cwd`` with stdout+stderr in ``log``; the log text on success."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with log.open("w") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    text = log.read_text()
+    if result.returncode != 0:
+        pytest.fail(f"python -m {module} failed ({result.returncode}); last lines of {log}:\n{text[-3000:]}")
+    return text
+
+
+def data_args(prefix: str, data_dir: Path) -> list[str]:
+    """ESPnet's --{prefix}_data_path_and_name_and_type pair (speech, text) and shape file."""
+    return [
+        f"--{prefix}_data_path_and_name_and_type",
+        f"{data_dir}/wav.scp,speech,sound",
+        f"--{prefix}_data_path_and_name_and_type",
+        f"{data_dir}/text,text,text",
+        f"--{prefix}_shape_file",
+        f"{data_dir}/speech_shape",
+    ]
+
+
+def read_text_file(path: Path) -> dict[str, str]:
+    """A Kaldi-style ``utt text`` file as a dict (empty text for a line with the key only)."""
+    rows = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
