@@ -138,12 +138,19 @@ def find_target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, nn.
             )
         linear = {name: module for name, module in matched.items() if _is_linear(module)}
         if not linear:
+            inside = [
+                f"{name}.{child}"
+                for name, module in matched.items()
+                for child, sub in module.named_modules()
+                if child and _is_linear(sub)
+            ]
+            hint = f" Linear layers inside: {', '.join(inside[:3])}." if inside else ""
             examples = ", ".join(
                 f"{name} ({type(module).__name__})" for name, module in list(matched.items())[:3]
             )
             raise PeftConfigError(
                 f"target pattern {pattern!r} matches only modules that are not nn.Linear: {examples}. "
-                "Adapters wrap nn.Linear layers; target the Linear layers inside them."
+                f"Adapters wrap nn.Linear layers; target the Linear layers inside them.{hint}"
             )
         targets.update(linear)
     targets = {

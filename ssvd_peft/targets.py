@@ -35,6 +35,6 @@ def matches_any(patterns: list[str], name: str) -> bool:
 def closest_names(pattern: str, names: list[str], limit: int = 5) -> list[str]:
     """The module names that look most like ``pattern`` (by full name and by last segment)."""
     by_full = difflib.get_close_matches(pattern, names, n=limit, cutoff=0.4)
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    leaves = sorted({leaf for leaf in (name.rsplit(".", 1)[-1] for name in names) if not leaf.isdigit()})
     by_leaf = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], leaves, n=limit, cutoff=0.4)
     return list(dict.fromkeys(by_leaf + by_full))[:limit]
