@@ -51,8 +51,13 @@ class SsvdDims:
 
 
 def rotation_size_for_budget(budget: float) -> int:
-    """The largest j with j (j - 1) / 2 <= budget (0 when no rotation fits)."""
-    size = math.floor((1.0 + math.sqrt(1.0 + 8.0 * max(budget, 0.0))) / 2.0)
+    """The largest j with j (j - 1) / 2 <= budget (0 when no rotation fits).
+
+    The budget is first rounded down to whole parameters, tolerating float error from a share
+    (0.2 * 15 = 2.9999999999999996 is 3 parameters).
+    """
+    whole = math.floor(max(budget, 0.0) + 1e-9)
+    size = (1 + math.isqrt(1 + 8 * whole)) // 2
     return size if size >= 2 else 0
 
 
