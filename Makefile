@@ -6,15 +6,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torchaudio must match torch exactly; espnet 202511 resolves with this pair.
 TORCH := torch==2.11.0 torchaudio==2.11.0
+# Debian and PyPI packages of the offline speech recipe (TTS engines, voice transforms, pocketsphinx).
+RECIPE_DEPS := egs/synth_domains/asr1/local/install_deps.sh
 
 .PHONY: setup demo test lint benchmark
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(RECIPE_DEPS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet 'pip<25'
 	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[espnet,dev]'
+	bash $(RECIPE_DEPS) $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,197 @@
+"""Data stages of egs/synth_domains/asr1: what the `ci` profile's Kaldi-style data dirs promise.
+
+Stages 1-3 run once per module in a temporary directory (offline TTS, ~20-30 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
+sys.path.insert(0, str(RECIPE / "local"))
+
+import noise  # noqa: E402
+import pocketsphinx_check  # noqa: E402
+import voice_transforms  # noqa: E402
+
+KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2domain")
+TARGETS = ("accent", "child", "noisy")
+TOOLS = ("flite", "text2wave", "espeak-ng")
+
+
+def run_recipe(root: Path, *options: str, data: Path | None = None) -> None:
+    """run.sh of the ci profile with its data, synth and exp dirs under root (data may live elsewhere)."""
+    dirs = {"--data": data or root / "data", "--synth": root / "synth", "--exp": root / "exp"}
+    command = ["bash", str(RECIPE / "run.sh"), "--profile", "ci", "--python", sys.executable]
+    command += [str(part) for pair in dirs.items() for part in pair]
+    result = subprocess.run([*command, *options], capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"run.sh {' '.join(options)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    )
+
+
+def read_table(path: Path) -> dict[str, str]:
+    return {k: v for k, _, v in (line.partition(" ") for line in path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def recipe_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    assert not missing, f"{missing} not installed: run egs/synth_domains/asr1/local/install_deps.sh"
+    root = tmp_path_factory.mktemp("synth_domains")
+    run_recipe(root, "--stage", "1", "--stop_stage", "3")
+    return root
+
+
+@pytest.fixture(scope="module")
+def splits(recipe_root: Path) -> dict[str, Path]:
+    return {d.name: d for d in sorted((recipe_root / "data").iterdir()) if (d / "wav.scp").exists()}
+
+
+def speakers(data_dir: Path) -> set[str]:
+    return set(read_table(data_dir / "utt2spk").values())
+
+
+def sentences(data_dir: Path) -> set[str]:
+    return set(read_table(data_dir / "text").values())
+
+
+def test_every_profile_split_has_a_data_dir(splits: dict[str, Path]) -> None:
+    expected = {"source_train", "source_dev", "source_test"}
+    expected |= {f"{domain}_{role}" for domain in TARGETS for role in ("adapt", "dev", "test")}
+    assert set(splits) == expected
+
+
+def test_kaldi_files_agree_on_utterances_and_are_sorted(splits: dict[str, Path]) -> None:
+    for name, data_dir in splits.items():
+        tables = {f: read_table(data_dir / f) for f in KALDI_FILES if f != "spk2utt"}
+        utts = list(tables["wav.scp"])
+        assert utts == sorted(utts) and utts, name
+        for f, table in tables.items():
+            assert list(table) == utts, f"{name}/{f}"
+        spk2utt = {spk: ids.split() for spk, ids in read_table(data_dir / "spk2utt").items()}
+        assert sorted(u for ids in spk2utt.values() for u in ids) == utts
+        assert all(tables["utt2spk"][u] == spk for spk, ids in spk2utt.items() for u in ids)
+        assert all(u.startswith(tables["utt2spk"][u] + "-") for u in utts), "speaker id prefixes utt id"
+        assert set(tables["utt2domain"].values()) == {name.split("_")[0]}
+        assert all(tables["text"][u].strip() for u in utts)
+
+
+def test_wavs_are_16k_mono_speech(splits: dict[str, Path]) -> None:
+    for data_dir in splits.values():
+        for path in read_table(data_dir / "wav.scp").values():
+            audio, rate = sf.read(path, dtype="float32")
+            assert rate == 16000 and audio.ndim == 1, path
+            assert 0.5 < audio.size / rate < 15.0, path
+            assert noise.rms(audio) > 10 ** (-40 / 20), f"{path} is (nearly) silent"
+
+
+def test_target_voices_are_disjoint_from_source_voices(splits: dict[str, Path]) -> None:
+    source = set().union(*(speakers(d) for n, d in splits.items() if n.startswith("source_")))
+    for name, data_dir in splits.items():
+        if not name.startswith("source_"):
+            assert not speakers(data_dir) & source, name
+
+
+def test_target_tests_hold_out_the_adaptation_voices(splits: dict[str, Path]) -> None:
+    for domain in TARGETS:
+        assert not speakers(splits[f"{domain}_test"]) & speakers(splits[f"{domain}_adapt"]), domain
+
+
+def test_noisy_test_babble_talkers_are_held_out(recipe_root: Path) -> None:
+    def babble_voices(split: str) -> set[str]:
+        rows = map(json.loads, (recipe_root / "synth" / "plan" / f"{split}.jsonl").read_text().splitlines())
+        return {utt.split("-")[0] for row in rows for utt in row["noise"]["babble"]}
+
+    assert babble_voices("noisy_test") and babble_voices("noisy_adapt")
+    assert not babble_voices("noisy_test") & babble_voices("noisy_adapt")
+
+
+def test_test_text_is_disjoint_from_all_training_text(splits: dict[str, Path]) -> None:
+    training = set().union(
+        *(sentences(d) for n, d in splits.items() if n == "source_train" or n.endswith(("_adapt", "_dev")))
+    )
+    for name, data_dir in splits.items():
+        if name.endswith("_test"):
+            assert not sentences(data_dir) & training, name
+
+
+def test_child_speech_has_a_child_f0_and_source_speech_does_not(splits: dict[str, Path]) -> None:
+    def median_f0(split: str) -> float:
+        wavs = read_table(splits[split] / "wav.scp").values()
+        return float(np.median([voice_transforms.median_f0(*sf.read(p)) for p in wavs]))
+
+    assert 270.0 <= median_f0("child_test") <= 340.0
+    assert 270.0 <= median_f0("child_adapt") <= 340.0
+    assert median_f0("source_test") < 250.0
+
+
+def test_rerunning_synthesis_reuses_every_wav(recipe_root: Path) -> None:
+    run_recipe(recipe_root, "--stage", "2", "--stop_stage", "2")
+    report = json.loads((recipe_root / "synth" / "report.json").read_text())
+    assert report["speech"]["new"] == 0 and report["speech"]["utts"] > 0
+
+
+def test_user_data_dir_adds_a_target_domain(
+    recipe_root: Path, splits: dict[str, Path], tmp_path: Path
+) -> None:
+    user = tmp_path / "dialect"
+    for role in ("adapt", "test"):
+        (user / role).mkdir(parents=True)
+        for f in ("wav.scp", "text", "utt2spk"):
+            shutil.copy(splits[f"accent_{role}"] / f, user / role / f)
+    data = tmp_path / "data"
+    shutil.copytree(recipe_root / "data", data)
+    run_recipe(
+        recipe_root, "--stage", "3", "--stop_stage", "3", "--target_data_dirs", f"dialect={user}", data=data
+    )
+    assert (data / "target_domains.txt").read_text().split() == [*TARGETS, "dialect"]
+    adapt, dev = read_table(data / "dialect_adapt" / "text"), read_table(data / "dialect_dev" / "text")
+    assert adapt and dev and not set(adapt) & set(dev)
+    assert set(adapt) | set(dev) == set(read_table(user / "adapt" / "text"))
+    assert set(read_table(data / "dialect_test" / "utt2domain").values()) == {"dialect"}
+
+
+def test_mix_reaches_the_requested_snr() -> None:
+    rng = np.random.default_rng(0)
+    speech, interference = rng.standard_normal(16000).astype(np.float32), noise.pink_noise(16000, rng)
+    mixed = noise.mix(speech, interference, snr_db=5.0)
+    assert 20 * np.log10(noise.rms(speech) / noise.rms(mixed - speech)) == pytest.approx(5.0, abs=1e-3)
+
+
+def test_room_response_has_the_requested_direct_to_reverberant_ratio() -> None:
+    response = noise.room_response(16000, rt60_s=0.5, drr_db=6.0, rng=np.random.default_rng(0))
+    assert 10 * np.log10(response[0] ** 2 / np.sum(response[1:] ** 2)) == pytest.approx(6.0, abs=1e-3)
+
+
+def test_edit_distance_counts_substitutions_deletions_and_insertions() -> None:
+    assert pocketsphinx_check.edit_distance(["a", "b", "c", "d"], ["a", "x", "c"]) == 2
+    assert pocketsphinx_check.edit_distance([], ["a", "b"]) == 2
+    assert pocketsphinx_check.edit_distance(["a", "b"], ["a", "b"]) == 0
+
+
+def test_pocketsphinx_sample_spreads_evenly_over_the_voices() -> None:
+    utts = [f"{voice}-x-{i:02d}" for voice in ("a", "b", "c") for i in range(50)]
+    chosen = pocketsphinx_check.sample(utts, 100)
+    assert len(set(chosen)) == 100
+    assert sorted(Counter(u.split("-")[0] for u in chosen).values()) == [33, 33, 34]
+    assert pocketsphinx_check.sample(utts[:7], 100) == utts[:7]
+
+
+@pytest.mark.slow
+def test_pocketsphinx_table_has_a_wer_per_domain(recipe_root: Path) -> None:
+    run_recipe(recipe_root, "--stage", "4", "--stop_stage", "4")
+    table = (recipe_root / "exp" / "pocketsphinx_wer.md").read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "_test" in line]
+    domains = {cells[1].strip(): float(cells[4]) for cells in rows if len(cells) == 5}
+    assert set(domains) == {"source", *TARGETS}
+    assert domains["child"] > domains["source"] and domains["noisy"] > domains["source"]
