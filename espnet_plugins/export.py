@@ -5,6 +5,7 @@
 plugin (``espnet2.bin.asr_inference --asr_train_config <dir>/config.yaml --asr_model_file
 <dir>/model.pth``) and decodes exactly as the adapted model does. Before writing, the merged
 state dict is checked against a model built by the stock task from the written config.
+An HDMoLE adapter is exported for one fixed domain (``domain``, ``--peft_domain``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
 
 from espnet_plugins.options import without_peft_options
 from espnet_plugins.task import PeftTaskMixin
-from ssvd_peft.inject import merge_and_unload
+from ssvd_peft.inject import iter_adapter_layers, merge_and_unload
+from ssvd_peft.layers.hdmole import HdmoleAdapter, merge_domain_experts
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +34,32 @@ class ExportError(RuntimeError):
 
 
 def export_merged(
-    task: type[Any], train_config: str | Path, model_file: str | Path, output_dir: str | Path
+    task: type[Any],
+    train_config: str | Path,
+    model_file: str | Path,
+    output_dir: str | Path,
+    domain: int | None = None,
 ) -> tuple[Path, Path]:
-    """Merge the adapter of ``model_file`` into its base model; return (config path, model path)."""
+    """Merge the adapter of ``model_file`` into its base model; return (config path, model path).
+
+    An HDMoLE adapter routes per token, so it is merged for one fixed ``domain``:
+    W + delta W_d (``merge_domain_experts``), the routed layer with g = e_d and uniform local
+    routing. The export then decodes that domain only, and not exactly as the routed model.
+    """
     model, args = task.build_model_from_file(train_config, model_file, "cpu")
+    if any(
+        isinstance(layer.peft_adapters[layer.active_adapter], HdmoleAdapter)
+        for _, layer in iter_adapter_layers(model)
+        if layer.active_adapter is not None
+    ):
+        if domain is None:
+            raise ExportError(
+                "an HDMoLE adapter routes every token by its input and cannot be merged as it is; "
+                "give the domain to merge for (--peft_domain <id>): its experts are folded into the weights"
+            )
+        merge_domain_experts(model, domain, args.peft_adapter_name)
+    elif domain is not None:
+        raise ExportError("--peft_domain is for HDMoLE adapters; this adapter merges exactly without it")
     merge_and_unload(model)
     state = model.state_dict()
     config = without_peft_options(vars(args))

@@ -1,11 +1,12 @@
 """The ``peft`` block of an ESPnet training config: its command-line options and their meaning.
 
-    peft: ssvd_o                        # lora | dora | pissa | ssvd | ssvd_o
+    peft: ssvd_o                        # lora | dora | pissa | ssvd | ssvd_o | hdmole
     peft_conf: {target_modules: [linear_q, linear_v], k_ratio: 0.25}
     peft_pretrained: exp/base/valid.acc.ave.pth   # base weights, loaded before injection
     peft_pretrained_config: null        # default: config.yaml next to peft_pretrained
     peft_modules_to_save: [ctc.ctc_lo]  # trained in full and saved with the adapter
     peft_save: adapter                  # adapter: model files hold adapter tensors only; all
+    peft_hdmole: {domain_weight: 0.5}   # peft: hdmole only: loss weights, router source (hdmole.py)
 
 Without ``peft`` the task behaves exactly like ESPnet's.
 """
@@ -19,7 +20,8 @@ from typing import Any
 from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 
-from ssvd_peft.config import CONFIG_CLASSES, AdapterConfig, config_from_dict
+from espnet_plugins.hdmole import HdmoleOptions
+from ssvd_peft.config import CONFIG_CLASSES, AdapterConfig, PeftConfigError, config_from_dict
 from ssvd_peft.inject import DEFAULT_ADAPTER
 
 SAVE_MODES = ("adapter", "all")
@@ -37,9 +39,16 @@ class PeftOptions:
     save: str = "adapter"
     adapter_name: str = DEFAULT_ADAPTER
     init_param: list[str] = field(default_factory=list)
+    hdmole: dict[str, Any] = field(default_factory=dict)
 
     def adapter_config(self) -> AdapterConfig:
         return config_from_dict(self.method, dict(self.conf))
+
+    def hdmole_options(self) -> HdmoleOptions:
+        """The checked ``peft_hdmole`` block (only ``peft: hdmole`` takes one)."""
+        if self.hdmole and self.method != "hdmole":
+            raise PeftConfigError(f"peft_hdmole is for peft: hdmole, but peft is {self.method!r}")
+        return HdmoleOptions.from_dict(self.hdmole)
 
 
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +102,13 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
         help="Name of the injected adapter",
     )
     group.add_argument(
+        "--peft_hdmole",
+        action=NestedDictAction,
+        default=dict(),
+        help="peft: hdmole only: domain_weight (0.5), balance_weight (0.01), router_source (encoder), "
+        "router_side (input | output), router_dim (default: from the model)",
+    )
+    group.add_argument(
         "--peft_init_param",
         type=str,
         nargs="*",
@@ -116,6 +132,7 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
         save=getattr(args, "peft_save", "adapter"),
         adapter_name=getattr(args, "peft_adapter_name", DEFAULT_ADAPTER),
         init_param=list(getattr(args, "peft_init_param", None) or []),
+        hdmole=dict(getattr(args, "peft_hdmole", None) or {}),
     )
 
 

@@ -8,8 +8,9 @@ Order of events when the config has a peft block:
   2. the base task builds the model;
   3. --peft_pretrained is loaded strictly, then every --init_param entry (ESPnet's own option,
      moved to --peft_init_param so that it is applied once, before injection, and recorded);
-  4. the adapters are injected into the loaded weights (SVD-based methods factorise them),
-     everything but the adapters and --peft_modules_to_save is frozen, and the budget is logged;
+  4. the adapters are injected into the loaded weights (SVD-based methods factorise them;
+     HDMoLE also gets its domain router and auxiliary losses, ``hdmole.py``), everything but
+     the adapters and --peft_modules_to_save is frozen, and the budget is logged;
   5. with --peft_save adapter, model files hold only the adapter entries (``state.py``).
 Without a peft block the task is the base task.
 """
@@ -25,6 +26,7 @@ import torch
 import yaml
 from espnet2.train.abs_espnet_model import AbsESPnetModel
 
+from espnet_plugins.hdmole import DOMAIN_KEY, attach_hdmole
 from espnet_plugins.options import PeftOptions, add_peft_arguments, peft_options
 from espnet_plugins.pretrained import adopt_pretrained_architecture, architecture_keys, load_base_weights
 from espnet_plugins.state import keep_adapter_entries, load_adapter_entries
@@ -61,8 +63,14 @@ class PeftTaskMixin:
         options = peft_options(args)
         if options is not None:
             options.adapter_config()
+            options.hdmole_options()
             cls.adopt_pretrained_architecture(args, options)
         super().check_required_command_args(args)
+
+    @classmethod
+    def optional_data_names(cls, train: bool = True, inference: bool = False) -> tuple[str, ...]:
+        """The base task's, plus ``domain`` (per-utterance domain ids for HDMoLE, e.g. utt2domain)."""
+        return (*super().optional_data_names(train, inference), DOMAIN_KEY)
 
     @classmethod
     def build_model(cls, args: argparse.Namespace) -> AbsESPnetModel:
@@ -113,6 +121,8 @@ class PeftTaskMixin:
 def attach_adapters(model: torch.nn.Module, options: PeftOptions, config: AdapterConfig) -> InjectionReport:
     """Inject the adapters, freeze the rest, and choose what the model's state dict holds."""
     report = inject_adapters(model, config, options.adapter_name)
+    if config.method == "hdmole":
+        attach_hdmole(model, options.hdmole_options(), options.adapter_name)
     mark_only_adapters_trainable(model, modules_to_save=options.modules_to_save)
     if options.save == "adapter":
         keep_adapter_entries(model, options.modules_to_save)

@@ -1,5 +1,6 @@
-"""ESPnet's trainer, made aware of adapters: it resumes from adapter-only checkpoints and
-writes the parameter budget into the experiment directory."""
+"""ESPnet's trainer, made aware of adapters: it resumes from adapter-only checkpoints, writes
+the parameter budget into the experiment directory and, with HDMoLE, the per-layer routing
+statistics of every validation epoch."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 import torch
 from espnet2.train.trainer import Trainer
 
+from espnet_plugins.hdmole import STATS_DIR
 from espnet_plugins.state import is_adapter_entry, load_adapter_entries
 from ssvd_peft.inject import is_adapter_parameter
+from ssvd_peft.layers.base import ADAPTERS_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,16 @@ def budget_summary(model: torch.nn.Module) -> str:
         lines.append(
             f"modules_to_save {model.peft_options.modules_to_save}: "
             f"{sum(count for _, count in saved):,} parameters in {len(saved)} tensors"
+        )
+    routers = [
+        (name, parameter.numel())
+        for name, parameter in model.named_parameters()
+        if name.startswith(f"{ADAPTERS_ATTR}.")
+    ]
+    if routers:
+        lines.append(
+            f"domain router {ADAPTERS_ATTR}.{model.peft_options.adapter_name}: "
+            f"{sum(count for _, count in routers):,} parameters in {len(routers)} tensors"
         )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -59,6 +72,21 @@ class PeftTrainer(Trainer):
             model=model, trainer_options=trainer_options, distributed_option=distributed_option, **kwargs
         )
 
+    @classmethod
+    def validate_one_epoch(
+        cls, model: torch.nn.Module, iterator: Any, reporter: Any, options: Any, distributed_option: Any
+    ) -> None:
+        """ESPnet's validation; with HDMoLE, the per-layer routing statistics of the epoch are then
+        written to ``<output_dir>/hdmole_stats/valid.<epoch>.txt`` (rank 0: its share of the data)."""
+        statistics = getattr(_unwrapped(model), "hdmole_layer_statistics", None)
+        if statistics is None:
+            super().validate_one_epoch(model, iterator, reporter, options, distributed_option)
+            return
+        statistics.reset()
+        super().validate_one_epoch(model, iterator, reporter, options, distributed_option)
+        if not distributed_option.distributed or distributed_option.dist_rank == 0:
+            statistics.write(Path(options.output_dir) / STATS_DIR / f"valid.{reporter.epoch}.txt")
+
     @staticmethod
     def resume(
         checkpoint: str | Path,
@@ -78,3 +106,8 @@ class PeftTrainer(Trainer):
         states = torch.load(checkpoint, map_location="cpu", weights_only=False)
         load_adapter_entries(model, states["model"], options.modules_to_save, str(checkpoint))
         Trainer.resume(checkpoint, model, reporter, optimizers, schedulers, scaler, ngpu, strict=False)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel / DataParallel."""
+    return getattr(model, "module", model)

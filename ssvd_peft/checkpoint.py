@@ -1,9 +1,11 @@
 """Adapter-only checkpoints, bound to the base model they were trained on.
 
 One file holds the method, its config, the adapter's trainable tensors (``<module>.<param>``),
-optional full tensors of ``modules_to_save``, and a fingerprint of every adapted base weight
-(see ``weight_fingerprint``). ``load_adapter`` checks the fingerprints against the model it is
-given BEFORE changing it, then injects the config and loads the tensors; a checkpoint of
+optional full tensors of ``modules_to_save``, a model-level HDMoLE domain router
+(``peft_adapters.<name>.<param>``, with its source module and side) and a fingerprint of every
+adapted base weight (see ``weight_fingerprint``). ``load_adapter`` checks the fingerprints
+against the model it is given BEFORE changing it, then injects the config (and attaches the
+router) and loads the tensors; a checkpoint of
 another base model is refused with a message naming the first module that differs.
 
 Files are written atomically (temporary file, then rename) and read with
@@ -29,7 +31,8 @@ from ssvd_peft.inject import (
     inject_adapters,
     iter_adapter_layers,
 )
-from ssvd_peft.layers.base import AdapterLinear, weight_fingerprint
+from ssvd_peft.layers.base import ADAPTERS_ATTR, AdapterLinear, weight_fingerprint
+from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
 
 FORMAT = "ssvd-peft-adapter"
 VERSION = 1
@@ -41,12 +44,11 @@ class AdapterCheckpointError(ValueError):
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-    """The trainable tensors of adapter ``adapter_name``, keyed ``<module name>.<param name>``."""
-    state: dict[str, torch.Tensor] = {}
-    for module_name, layer in iter_adapter_layers(model):
-        if adapter_name in layer.peft_adapters:
-            for param_name, param in layer.peft_adapters[adapter_name].named_parameters():
-                state[f"{module_name}.{param_name}"] = param.detach().cpu().clone()
+    """The trainable tensors of adapter ``adapter_name``, keyed ``<module name>.<param name>``;
+    a model-level module of the adapter (HDMoLE's domain router) under ``peft_adapters.<name>.``."""
+    state = {
+        key: param.detach().cpu().clone() for key, param in _adapter_parameters(model, adapter_name).items()
+    }
     if not state:
         raise AdapterCheckpointError(f"the model has no adapter named {adapter_name!r}")
     return state
@@ -80,6 +82,9 @@ def save_adapter(
         },
         "modules_to_save": {name: _module_tensors(model, name) for name in modules_to_save},
     }
+    router = domain_router(model, adapter_name)
+    if router is not None:
+        payload["domain_router"] = {"source_module": router.source_module, "source_side": router.source_side}
     return _atomic_save(payload, Path(path))
 
 
@@ -90,6 +95,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     config = config_from_dict(payload["method"], json.loads(payload["config"]))
     report = inject_adapters(model, config, adapter_name)
     try:
+        _attach_saved_router(model, payload, adapter_name, path)
         _load_tensors(model, payload["tensors"], adapter_name, path)
         for name, tensors in payload["modules_to_save"].items():
             _load_module_tensors(model, name, tensors, path)
@@ -149,13 +155,36 @@ def _fingerprint(module: nn.Module) -> torch.Tensor | None:
     return weight_fingerprint(weight) if isinstance(weight, torch.Tensor) else None
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, path: Any) -> None:
-    expected = {
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    parameters = {
         f"{module_name}.{param_name}": param
         for module_name, layer in iter_adapter_layers(model)
         if adapter_name in layer.peft_adapters
         for param_name, param in layer.peft_adapters[adapter_name].named_parameters()
     }
+    router = domain_router(model, adapter_name)
+    if router is not None:
+        prefix = f"{ADAPTERS_ATTR}.{adapter_name}"
+        parameters.update({f"{prefix}.{name}": param for name, param in router.named_parameters()})
+    return parameters
+
+
+def _attach_saved_router(model: nn.Module, payload: dict[str, Any], adapter_name: str, path: Any) -> None:
+    """Attach the domain router a file holds (feature dim from its weight) at its saved source."""
+    router = payload.get("domain_router")
+    if router is None:
+        return
+    weight = payload["tensors"].get(f"{ADAPTERS_ATTR}.{adapter_name}.proj.weight")
+    if weight is None:
+        raise AdapterCheckpointError(
+            f"adapter {str(path)!r} records a domain router but holds no weight for it; "
+            "the file is damaged or was edited"
+        )
+    attach_domain_router(model, weight.shape[1], adapter_name, router["source_module"], router["source_side"])
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, path: Any) -> None:
+    expected = _adapter_parameters(model, adapter_name)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -21,6 +21,7 @@ from torch import nn
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
 from ssvd_peft.layers import ADAPTER_CLASSES, AdapterLinear
 from ssvd_peft.layers.base import ADAPTERS_ATTR, TrainableSplit
+from ssvd_peft.layers.hdmole import detach_domain_router
 from ssvd_peft.targets import closest_names, matches, matches_any
 
 DEFAULT_ADAPTER = "default"
@@ -214,6 +215,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _release_all(layer)
         _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).clear()
+    _detach_model_level(model)
     return model
 
 
@@ -225,6 +227,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not layer.peft_adapters:
             _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).pop(adapter_name, None)
+    _detach_model_level(model, adapter_name)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -234,6 +237,7 @@ def unload(model: nn.Module) -> nn.Module:
         _release_all(layer)
         _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).clear()
+    _detach_model_level(model)
     return model
 
 
@@ -356,6 +360,18 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def _detach_model_level(model: nn.Module, adapter_name: str | None = None) -> None:
+    """Remove the model-level modules (HDMoLE's domain router and its hook) of ``adapter_name``
+    (of every adapter if None), and the ``peft_adapters`` container once it is empty."""
+    container = getattr(model, ADAPTERS_ATTR, None)
+    if not isinstance(container, nn.ModuleDict):
+        return
+    for name in list(container) if adapter_name is None else [adapter_name]:
+        detach_domain_router(model, name)
+    if not len(container):
+        delattr(model, ADAPTERS_ATTR)
 
 
 def _release_all(layer: AdapterLinear) -> None:

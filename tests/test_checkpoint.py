@@ -12,6 +12,7 @@ from torch import nn
 from ssvd_peft.checkpoint import AdapterCheckpointError, load_adapter, save_adapter
 from ssvd_peft.inject import inject_adapters, iter_adapter_layers
 from ssvd_peft.layers.base import AdapterLinear
+from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
 
 METHODS = {
     "lora": {"rank": 4},
@@ -142,3 +143,20 @@ def test_saving_an_unknown_adapter_fails_without_writing(tmp_path):
     with pytest.raises(AdapterCheckpointError, match="no adapter named 'child'"):
         save_adapter(model, tmp_path / "adapter.pt", adapter_name="child")
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_an_hdmole_domain_router_travels_with_the_adapter_and_is_hooked_again(inputs, tmp_path):
+    base = TinyNet()
+    pristine = copy.deepcopy(base)
+    inject_adapters(base, "hdmole", target_modules=["proj_out", "head"], init_weights=False, rank=2)
+    router = attach_domain_router(base, feature_dim=24, source_module="proj_out")
+    with torch.no_grad():
+        router.proj.weight.normal_()
+    expected = base(inputs)
+
+    load_adapter(pristine, save_adapter(base, tmp_path / "adapter.pt"))
+
+    loaded = domain_router(pristine)
+    assert loaded is not None and (loaded.source_module, loaded.source_side) == ("proj_out", "input")
+    torch.testing.assert_close(loaded.proj.weight, router.proj.weight)
+    torch.testing.assert_close(pristine(inputs), expected, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ssvd_peft.config import PeftConfigError
 from ssvd_peft.inject import (
+    delete_adapter,
     inject_adapters,
     iter_adapter_layers,
     mark_only_adapters_trainable,
@@ -22,6 +23,7 @@ from ssvd_peft.inject import (
 )
 from ssvd_peft.layers import ADAPTER_CLASSES
 from ssvd_peft.layers.base import AdapterLinear
+from ssvd_peft.layers.hdmole import attach_domain_router, merge_domain_experts
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_out", "w_1", "w_2"]
 METHODS = {
@@ -464,3 +466,38 @@ def test_a_wrapped_model_loads_a_plain_base_checkpoint(case, tiny_asr):
     for name, layer in iter_adapter_layers(tiny_asr):
         assert torch.equal(layer.base_layer.weight, checkpoint[f"{name}.weight"])
         assert torch.equal(layer.base_layer.bias, checkpoint[f"{name}.bias"])
+
+
+class _Routed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.up = nn.Linear(8, 12)
+        self.down = nn.Linear(12, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(self.norm(x))))
+
+
+def _with_hooked_router() -> tuple[_Routed, dict[str, torch.Tensor]]:
+    model = _Routed()
+    base = {key: value.clone() for key, value in model.state_dict().items()}
+    inject_adapters(model, "hdmole", target_modules=["up", "down"], rank=2, init_weights=False)
+    attach_domain_router(model, feature_dim=8, source_module="norm")
+    return model, base
+
+
+@pytest.mark.parametrize("remove", ["unload", "delete_adapter", "merge_and_unload"])
+def test_removing_an_hdmole_adapter_detaches_its_domain_router_and_hook(remove):
+    model, base = _with_hooked_router()
+    if remove == "unload":
+        unload(model)
+    elif remove == "delete_adapter":
+        delete_adapter(model, "default")
+    else:
+        merge_domain_experts(model, 0)
+        merge_and_unload(model)
+    assert not hasattr(model, "peft_adapters")
+    assert not model.norm._forward_pre_hooks
+    assert model.state_dict().keys() == base.keys()
+    model(torch.randn(2, 3, 8))

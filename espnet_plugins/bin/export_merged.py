@@ -35,6 +35,12 @@ def get_parser():
     )
     parser.add_argument("--output_dir", required=True, help="where config.yaml and model.pth are written")
     parser.add_argument(
+        "--peft_domain",
+        type=int,
+        default=None,
+        help="HDMoLE only: merge the experts of this domain id (the export serves that domain only)",
+    )
+    parser.add_argument(
         "--log_level", default="INFO", choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
     )
     return parser
@@ -47,7 +53,7 @@ def main(cmd=None):
         level=args.log_level, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s"
     )
     config_path, model_path = export_merged(
-        TASKS[args.task], args.train_config, args.model_file, args.output_dir
+        TASKS[args.task], args.train_config, args.model_file, args.output_dir, args.peft_domain
     )
     print(f"{config_path}\n{model_path}")
 

@@ -246,7 +246,8 @@ def attach_domain_router(
     freezing and adapter-only state dicts keep them. With ``source_module`` a hook runs the
     router on that module's input (``source_side="input"``, before it runs: the HDMoLE layers
     inside it see g) or output (``"output"``: for HDMoLE layers after it), taking the first
-    (B, T, feature_dim) tensor as features and a following (B,) integer tensor as lengths.
+    (B, T, feature_dim) tensor as features and a following (B,) integer tensor as lengths (or,
+    without one, a (B, 1, T) boolean padding mask).
     Without it, call ``router(features, lengths)`` before the model's forward.
     """
     if source_side not in ("input", "output"):
@@ -270,6 +271,7 @@ def attach_domain_router(
     reference = hdmole_adapters(model, adapter_name)[0][1].lora_A
     router = DomainRouter(feature_dim, context.num_domains, context).to(reference.device, reference.dtype)
     container[adapter_name] = router
+    router.source_module, router.source_side = source_module, source_side
     if source_module is not None:
         source = model.get_submodule(source_module)
         if source_side == "input":

@@ -115,7 +115,8 @@ class DomainRouter(nn.Module):
         self._route_values(module, list(output) if isinstance(output, tuple | list) else [output])
 
     def _route_values(self, module: nn.Module, values: list[Any]) -> None:
-        """Run on the first (B, T, d) tensor of ``values`` and a following (B,) integer tensor as lengths."""
+        """Run on the first (B, T, d) tensor of ``values``; lengths from a following (B,) integer
+        tensor, else from a (B, 1, T) boolean padding mask (as ESPnet's encoder layers get)."""
         tensors = [value for value in values if isinstance(value, torch.Tensor)]
         dim = self.proj.in_features
         features = next((t for t in tensors if t.dim() == 3 and t.shape[-1] == dim), None)
@@ -129,6 +130,10 @@ class DomainRouter(nn.Module):
             (t for t in tensors if t.dim() == 1 and len(t) == len(features) and not t.is_floating_point()),
             None,
         )
+        if lengths is None:
+            masks = (t for t in tensors if t.dtype == torch.bool and t.dim() == 3)
+            mask = next((t for t in masks if t.shape == (len(features), 1, features.shape[1])), None)
+            lengths = None if mask is None else mask[:, 0].sum(dim=-1)
         self(features, lengths)
 
 

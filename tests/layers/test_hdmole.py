@@ -399,6 +399,29 @@ def test_a_router_hooked_to_a_module_output_routes_the_layers_after_it():
     torch.testing.assert_close(routing_context(model).domain_logits, expected)
 
 
+class MaskedAttention(nn.Module):
+    """An ESPnet-like encoder block: it gets (features, (B, 1, T) padding mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = TwoLayers()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.block(x, mask)
+
+
+def test_a_router_source_with_a_padding_mask_pools_the_valid_frames_only():
+    model = MaskedAttention()
+    inject_adapters(model, "hdmole", target_modules=["up", "down"], **OPTIONS)
+    router = attach_domain_router(model, feature_dim=8, source_module="block")
+    with torch.no_grad():
+        router.proj.weight.normal_()
+    x, lengths = torch.randn(3, 5, 8), torch.tensor([5, 2, 4])
+    model(x, (torch.arange(5)[None, :] < lengths[:, None]).unsqueeze(1))
+    expected = router.proj(masked_mean_pool(x, lengths))
+    torch.testing.assert_close(routing_context(model).domain_logits, expected)
+
+
 def test_a_router_source_without_matching_features_is_refused():
     model = hdmole_model()
     attach_domain_router(model, feature_dim=5, source_module="up")

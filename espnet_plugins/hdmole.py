@@ -1,0 +1,175 @@
+"""HDMoLE in ESPnet: the domain router, the auxiliary losses and the routing statistics.
+
+    peft: hdmole
+    peft_conf: {target_modules: [linear_q, linear_v], num_domains: 2, rank: 4}
+    peft_hdmole: {domain_weight: 0.5, balance_weight: 0.01, router_source: encoder, router_side: input}
+
+``attach_hdmole`` adds the global domain router on ``router_source``'s input or output (its
+feature dim from the model unless ``router_dim`` is set; see ``router_feature_dim``) and a
+forward hook on the ESPnet model that turns its (loss, stats, weight) into
+
+    loss = L_model + domain_weight L_dom + balance_weight L_bal
+
+with ``stats`` extended by ``hdmole_balance``, ``hdmole_domain`` (batches with domain labels),
+and in validation ``hdmole_active_experts``, ``hdmole_routing_entropy`` (means over layers)
+and ``hdmole_domain_accuracy`` (with labels); ``stats["loss"]`` is the total. Domain labels
+come from the batch's ``domain`` entry (a per-utterance ``utt2domain`` of integer ids read as
+``text_int``); a negative id marks an unlabelled utterance, and without the entry the router
+runs on its own prediction and L_dom is skipped. Per-layer validation statistics are summed
+in ``LayerStatistics`` and written by the trainer after every validation epoch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssvd_peft.config import PeftConfigError
+from ssvd_peft.layers.hdmole import (
+    attach_domain_router,
+    domain_router,
+    hdmole_aux_losses,
+    hdmole_statistics,
+    routing_context,
+)
+from ssvd_peft.layers.routing import IGNORE_DOMAIN
+
+DOMAIN_KEY = "domain"
+STATS_DIR = "hdmole_stats"
+
+
+@dataclass(frozen=True)
+class HdmoleOptions:
+    """The ``peft_hdmole`` block: loss weights and where the domain router reads its features."""
+
+    domain_weight: float = 0.5
+    balance_weight: float = 0.01
+    router_source: str = "encoder"
+    router_side: str = "input"
+    router_dim: int | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> HdmoleOptions:
+        values = dict(values or {})
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PeftConfigError(f"peft_hdmole: unknown option(s) {unknown}; known: {sorted(known)}")
+        options = cls(**values)
+        if options.router_side not in ("input", "output"):
+            raise PeftConfigError(
+                f"peft_hdmole: router_side must be 'input' or 'output', got {options.router_side!r}"
+            )
+        if options.domain_weight < 0 or options.balance_weight < 0:
+            raise PeftConfigError("peft_hdmole: domain_weight and balance_weight must be >= 0")
+        return options
+
+
+class LayerStatistics:
+    """Utterance-weighted sums of the per-layer routing statistics over one validation epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def add(self, stats: dict[str, float], weight: float) -> None:
+        for key, value in stats.items():
+            self.sums[key] += value * weight
+            self.counts[key] += weight
+
+    def means(self) -> dict[str, float]:
+        return {key: self.sums[key] / self.counts[key] for key in self.sums if self.counts[key] > 0}
+
+    def write(self, path: Path) -> None:
+        """``<key> <mean>`` per line, sorted by key; nothing when no batch was added."""
+        means = self.means()
+        if means:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{key} {means[key]:.4f}\n" for key in sorted(means)), encoding="utf-8")
+
+
+def router_feature_dim(model: nn.Module, options: HdmoleOptions) -> int:
+    """``router_dim``; else ``output_size()`` of the source (output side) or the width of its last
+    nn.Linear; on the input of ``encoder``, the frontend's output size."""
+    if options.router_dim is not None:
+        return options.router_dim
+    source = model.get_submodule(options.router_source)
+    if options.router_side == "output":
+        if callable(getattr(source, "output_size", None)):
+            return int(source.output_size())
+        linears = [module for module in source.modules() if isinstance(module, nn.Linear)]
+        if linears:
+            return linears[-1].out_features
+    frontend = getattr(model, "frontend", None)
+    if options.router_side == "input" and options.router_source == "encoder" and frontend is not None:
+        return int(frontend.output_size())
+    raise PeftConfigError(
+        f"peft_hdmole: cannot tell the feature dim of the {options.router_side} of "
+        f"{options.router_source!r}; set peft_hdmole.router_dim"
+    )
+
+
+def attach_hdmole(model: nn.Module, options: HdmoleOptions, adapter_name: str) -> None:
+    """Attach the domain router and the hook that adds the auxiliary losses and statistics."""
+    attach_domain_router(
+        model,
+        router_feature_dim(model, options),
+        adapter_name,
+        source_module=options.router_source,
+        source_side=options.router_side,
+    )
+    model.hdmole_layer_statistics = LayerStatistics()
+    model.register_forward_hook(
+        partial(_add_hdmole_terms, options=options, adapter_name=adapter_name), with_kwargs=True
+    )
+
+
+def domain_labels(batch: dict[str, Any], num_domains: int) -> torch.Tensor | None:
+    """(B,) domain ids from the batch's ``domain`` entry (B, 1); negative ids -> IGNORE_DOMAIN."""
+    domains = batch.get(DOMAIN_KEY)
+    if domains is None:
+        return None
+    labels = domains.reshape(len(domains), -1)[:, 0].long()
+    if (labels >= num_domains).any():
+        raise ValueError(
+            f"domain labels must be < num_domains={num_domains} (negative: unlabelled), "
+            f"got {sorted(set(labels.tolist()))}; check utt2domain and peft_conf.num_domains"
+        )
+    return torch.where(labels < 0, IGNORE_DOMAIN, labels)
+
+
+def _add_hdmole_terms(
+    model: nn.Module,
+    _args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+    options: HdmoleOptions,
+    adapter_name: str,
+) -> Any:
+    if domain_router(model, adapter_name) is None:
+        return output
+    loss, stats, weight = output
+    labels = domain_labels(kwargs, routing_context(model, adapter_name).num_domains)
+    losses = hdmole_aux_losses(model, labels, adapter_name)
+    total = loss + options.balance_weight * losses["balance"]
+    if "domain" in losses:
+        total = total + options.domain_weight * losses["domain"]
+    stats = {**stats, "loss": total.detach()}
+    stats.update({f"hdmole_{key}": value.detach() for key, value in losses.items()})
+    if not model.training:
+        routing = hdmole_statistics(model, labels, adapter_name)
+        for key in ("active_experts", "routing_entropy", "domain_accuracy"):
+            if key in routing:
+                stats[f"hdmole_{key}"] = torch.tensor(routing[key], device=loss.device)
+        model.hdmole_layer_statistics.add(routing, float(weight))
+    return total, stats, weight

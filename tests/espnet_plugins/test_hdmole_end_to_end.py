@@ -1,0 +1,206 @@
+"""HDMoLE through the ESPnet entry points, on two domains with per-utterance domain labels.
+
+A tiny Transformer ASR model is pretrained with stock ``espnet2.bin.asr_train`` on the tone
+corpus at its own pitch; ``espnet_plugins.bin.asr_train`` then adapts it with ``peft: hdmole``
+to a mix of that pitch (domain 0) and a shifted one (domain 1), reading ``utt2domain`` as the
+``domain`` data entry. The domain router pools the layer-normalised input of the first encoder
+block's self-attention over the valid frames (its padding mask), so every adapted layer is
+routed with the current batch's domain.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from espnet_runs import REPO, TINY_CONFIG, data_args, read_text_file, run_module
+from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
+
+pytest.importorskip("espnet2")
+
+PRETRAIN_EPOCHS = 15
+ADAPT_EPOCHS = 30
+SHIFTS = (1.0, 1.5)
+CORPUS_FILES = ("wav.scp", "text", "utt2spk", "speech_shape", "text_shape")
+DECODING = ["--batch_size", "1", "--beam_size", "2", "--ctc_weight", "0.5", "--ngpu", "0"]
+HDMOLE_BLOCK = {
+    "peft": "hdmole",
+    "peft_conf": {
+        "target_modules": ["linear_q", "linear_v", "w_1", "w_2"],
+        "num_domains": 2,
+        "experts_per_domain": 2,
+        "rank": 4,
+    },
+    "peft_hdmole": {
+        "domain_weight": 5.0,
+        "balance_weight": 0.01,
+        "router_source": "encoder.encoders.0.self_attn",
+        "router_side": "input",
+        "router_dim": 64,
+    },
+    "peft_modules_to_save": [],
+    "peft_save": "adapter",
+}
+
+
+def write_domain_data(path: Path, per_domain: int, seed: int) -> Path:
+    """One data dir with ``per_domain`` utterances of every domain in SHIFTS, and utt2domain."""
+    merged: dict[str, list[str]] = {name: [] for name in (*CORPUS_FILES, "utt2domain")}
+    for domain, shift in enumerate(SHIFTS):
+        source = write_data_dir(path / f"domain{domain}", per_domain, shift=shift, seed=seed + domain)
+        for name in CORPUS_FILES:
+            for line in (source / name).read_text().splitlines():
+                utt, rest = line.split(maxsplit=1)
+                merged[name].append(f"{utt}-d{domain} {rest}")
+        merged["utt2domain"] += [
+            f"{line.split()[0]}-d{domain} {domain}" for line in source.joinpath("text").open()
+        ]
+    for name, lines in merged.items():
+        (path / name).write_text("\n".join(sorted(lines)) + "\n")
+    return path
+
+
+def domain_args(prefix: str, data_dir: Path) -> list[str]:
+    return [f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/utt2domain,domain,text_int"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hdmole")
+    write_data_dir(root / "data" / "train", 32, shift=SHIFTS[0], seed=0)
+    write_data_dir(root / "data" / "valid", 8, shift=SHIFTS[0], seed=1)
+    write_domain_data(root / "data" / "adapt", 24, seed=10)
+    write_domain_data(root / "data" / "heldout", 8, seed=20)
+    write_token_list(root / "data" / "tokens.txt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(work: Path) -> Path:
+    args = ["--config", str(TINY_CONFIG), "--token_list", "data/tokens.txt", "--output_dir", "exp/base"]
+    args += ["--max_epoch", str(PRETRAIN_EPOCHS)]
+    args += data_args("train", work / "data" / "train") + data_args("valid", work / "data" / "valid")
+    run_module("espnet2.bin.asr_train", args, work, work / "pretrain.log")
+    return work / "exp" / "base" / "valid.acc.best.pth"
+
+
+@pytest.fixture(scope="module")
+def hdmole(work: Path, pretrained: Path) -> tuple[Path, str]:
+    """The HDMoLE experiment dir and its training log."""
+    config = yaml.safe_load((REPO / "conf" / "tiny" / "finetune_ssvd_o.yaml").read_text())
+    config.update(HDMOLE_BLOCK)
+    (work / "hdmole.yaml").write_text(yaml.safe_dump(config))
+    exp = work / "exp" / "hdmole"
+    args = ["--config", str(work / "hdmole.yaml"), "--peft_pretrained", str(pretrained)]
+    args += ["--output_dir", str(exp), "--max_epoch", str(ADAPT_EPOCHS), "--batch_size", "4"]
+    for prefix, data in (("train", work / "data" / "adapt"), ("valid", work / "data" / "heldout")):
+        args += data_args(prefix, data) + domain_args(prefix, data)
+    return exp, run_module("espnet_plugins.bin.asr_train", args, work, work / "hdmole.log")
+
+
+def epoch_results(log: str, part: str) -> list[dict[str, float]]:
+    """The ``[part]`` statistics of every 'Nepoch results' log line."""
+    lines = re.findall(rf"\d+epoch results: .*?\[{part}\](.*?)(?:\[|, time=|$)", log, flags=re.M)
+    return [{key: float(value) for key, value in re.findall(r"(\w+)=([0-9.e+-]+)", line)} for line in lines]
+
+
+def decode(work: Path, module: str, config: Path, model: Path, name: str, data: Path) -> dict[str, str]:
+    args = [
+        "--asr_train_config",
+        str(config),
+        "--asr_model_file",
+        str(model),
+        "--output_dir",
+        f"decode/{name}",
+    ]
+    args += ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", *DECODING]
+    run_module(module, args, work, work / f"decode_{name}.log")
+    return read_text_file(work / "decode" / name / "1best_recog" / "text")
+
+
+def test_training_log_holds_the_auxiliary_losses_and_the_loss_decreases(hdmole: tuple[Path, str]) -> None:
+    _, log = hdmole
+    train = epoch_results(log, "train")
+    assert len(train) == ADAPT_EPOCHS
+    assert all("hdmole_domain" in epoch and "hdmole_balance" in epoch for epoch in train)
+    assert train[-1]["loss"] < 0.9 * train[0]["loss"], train
+    assert train[-1]["hdmole_domain"] < train[0]["hdmole_domain"], train
+
+
+def test_validation_reports_routing_statistics_and_the_router_beats_chance(
+    hdmole: tuple[Path, str],
+) -> None:
+    exp, log = hdmole
+    valid = epoch_results(log, "valid")
+    assert len(valid) == ADAPT_EPOCHS
+    last = valid[-1]
+    assert 1.0 <= last["hdmole_active_experts"] <= 4.0
+    assert 0.0 <= last["hdmole_routing_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-4
+    assert last["hdmole_domain_accuracy"] > 0.75, valid
+    per_layer = read_text_file(exp / "hdmole_stats" / f"valid.{ADAPT_EPOCHS}.txt")
+    assert "encoder.encoders.0.self_attn.linear_q.active_experts" in per_layer
+    assert float(per_layer["domain_accuracy"]) == pytest.approx(last["hdmole_domain_accuracy"], abs=1e-3)
+
+
+def test_adapter_only_files_hold_the_router_and_the_budget_counts_it(hdmole: tuple[Path, str]) -> None:
+    exp, _ = hdmole
+    state = torch.load(exp / "valid.acc.best.pth", map_location="cpu")
+    assert state["peft_adapters.default.proj.weight"].shape == (2, 64)
+    assert state["peft_adapters.default.proj.weight"].abs().sum() > 0
+    assert all(
+        ".peft_adapters." in key or key.startswith("peft_adapters.") or "fingerprint" in key for key in state
+    )
+    budget = (exp / "peft_budget.txt").read_text()
+    assert "domain router peft_adapters.default: 130 parameters" in budget
+
+
+def test_plugin_inference_decodes_every_utterance(work: Path, hdmole: tuple[Path, str]) -> None:
+    exp, _ = hdmole
+    data = work / "data" / "heldout"
+    hypotheses = decode(
+        work,
+        "espnet_plugins.bin.asr_inference",
+        exp / "config.yaml",
+        exp / "valid.acc.best.pth",
+        "routed",
+        data,
+    )
+    assert hypotheses.keys() == read_text_file(data / "text").keys()
+    assert all(text and set(text) <= set(CHARACTERS) for text in hypotheses.values())
+
+
+def test_fixed_domain_export_decodes_with_stock_espnet(
+    work: Path, hdmole: tuple[Path, str], pretrained: Path
+) -> None:
+    exp, _ = hdmole
+    args = [
+        "--asr_train_config",
+        str(exp / "config.yaml"),
+        "--asr_model_file",
+        str(exp / "valid.acc.best.pth"),
+    ]
+    run_module(
+        "espnet_plugins.bin.export_merged",
+        [*args, "--output_dir", "export1", "--peft_domain", "1"],
+        work,
+        work / "export.log",
+    )
+    exported = torch.load(work / "export1" / "model.pth", map_location="cpu")
+    base = torch.load(pretrained, map_location="cpu")
+    assert exported.keys() == base.keys()
+    key = "encoder.encoders.0.feed_forward.w_1.weight"
+    assert not torch.equal(exported[key], base[key])
+    data = work / "data" / "heldout" / "domain1"
+    hypotheses = decode(
+        work,
+        "espnet2.bin.asr_inference",
+        work / "export1" / "config.yaml",
+        work / "export1" / "model.pth",
+        "stock",
+        data,
+    )
+    assert hypotheses.keys() == read_text_file(data / "text").keys()
+    assert all(set(text) <= set(CHARACTERS) for text in hypotheses.values())

@@ -1,0 +1,152 @@
+"""HDMoLE in an ESPnet model, in process: the peft_hdmole block, the loss and statistics hook,
+domain labels, and the router in adapter-only state dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from espnet_runs import TINY_CONFIG
+from tiny_corpus import TOKENS
+
+from espnet_plugins.hdmole import HdmoleOptions, LayerStatistics, domain_labels
+from espnet_plugins.options import peft_options
+from espnet_plugins.state import load_adapter_entries
+from espnet_plugins.tasks.asr import PeftASRTask
+from ssvd_peft.config import PeftConfigError
+from ssvd_peft.layers.hdmole import domain_router, hdmole_aux_losses
+from ssvd_peft.layers.routing import IGNORE_DOMAIN
+
+pytest.importorskip("espnet2")
+
+BLOCK = [
+    "--peft",
+    "hdmole",
+    "--peft_conf",
+    "{target_modules: [linear_q, w_1], num_domains: 2, rank: 2}",
+    "--peft_hdmole",
+    "{domain_weight: 0.5, balance_weight: 0.1, router_source: encoder.encoders.0.self_attn, router_dim: 64}",
+]
+
+
+def build(tmp_path: Path, *block: str) -> torch.nn.Module:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("\n".join(TOKENS) + "\n")
+    args = PeftASRTask.get_parser().parse_args(
+        ["--config", str(TINY_CONFIG), "--token_list", str(tokens), "--output_dir", str(tmp_path), *block]
+    )
+    torch.manual_seed(0)
+    return PeftASRTask.build_model(args)
+
+
+def batch(domains: list[int] | None) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    values = {
+        "speech": torch.randn(2, 1600, generator=generator),
+        "speech_lengths": torch.tensor([1600, 1200]),
+        "text": torch.tensor([[2, 3, 4], [3, 5, -1]]),
+        "text_lengths": torch.tensor([3, 2]),
+    }
+    if domains is not None:
+        values |= {
+            "domain": torch.tensor(domains).unsqueeze(1),
+            "domain_lengths": torch.ones(2, dtype=torch.long),
+        }
+    return values
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> torch.nn.Module:
+    built = build(tmp_path, *BLOCK)
+    with torch.no_grad():
+        domain_router(built).proj.weight.normal_()
+    return built
+
+
+def test_the_training_loss_adds_the_weighted_auxiliary_losses_and_logs_them(model) -> None:
+    model.train()
+    loss, stats, _ = model(**batch([0, 1]))
+    aux = hdmole_aux_losses(model, torch.tensor([0, 1]))
+    asr = stats["loss_att"] * 0.7 + stats["loss_ctc"] * 0.3
+    torch.testing.assert_close(loss, asr + 0.5 * aux["domain"] + 0.1 * aux["balance"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["loss"], loss.detach())
+    torch.testing.assert_close(stats["hdmole_domain"], aux["domain"].detach())
+    assert "hdmole_domain_accuracy" not in stats
+    loss.backward()
+    assert domain_router(model).proj.weight.grad.abs().sum() > 0
+
+
+def test_without_domain_labels_the_domain_loss_is_skipped(model) -> None:
+    model.train()
+    loss, stats, _ = model(**batch(None))
+    assert "hdmole_domain" not in stats and "hdmole_balance" in stats
+    asr = stats["loss_att"] * 0.7 + stats["loss_ctc"] * 0.3
+    torch.testing.assert_close(loss, asr + 0.1 * stats["hdmole_balance"], rtol=1e-5, atol=1e-5)
+
+
+def test_validation_reports_routing_statistics_and_sums_them_per_layer(model) -> None:
+    model.eval()
+    with torch.no_grad():
+        _, stats, _ = model(**batch([0, 1]))
+        _, second, _ = model(**batch([1, 0]))
+    assert {"hdmole_active_experts", "hdmole_routing_entropy", "hdmole_domain_accuracy"} <= set(stats)
+    assert stats["hdmole_domain_accuracy"] + second["hdmole_domain_accuracy"] == pytest.approx(1.0)
+    means = model.hdmole_layer_statistics.means()
+    assert means["domain_accuracy"] == pytest.approx(0.5)
+    assert "encoder.encoders.1.feed_forward.w_1.active_experts" in means
+
+
+def test_the_router_is_an_adapter_entry_and_loads_back(model, tmp_path: Path) -> None:
+    state = model.state_dict()
+    assert state["peft_adapters.default.proj.weight"].shape == (2, 64)
+    fresh = build(tmp_path, *BLOCK)
+    load_adapter_entries(fresh, state, [], "state")
+    torch.testing.assert_close(domain_router(fresh).proj.weight, domain_router(model).proj.weight)
+    assert domain_router(fresh).proj.weight.requires_grad
+
+
+def test_domain_labels_mark_negative_ids_unlabelled_and_refuse_unknown_domains() -> None:
+    labels = domain_labels({"domain": torch.tensor([[1], [-1], [0]])}, 2)
+    assert labels.tolist() == [1, IGNORE_DOMAIN, 0]
+    assert domain_labels({}, 2) is None
+    with pytest.raises(ValueError, match="num_domains=2"):
+        domain_labels({"domain": torch.tensor([[2]])}, 2)
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"domain_wieght": 1.0}, "unknown option"),
+        ({"router_side": "middle"}, "router_side"),
+        ({"balance_weight": -1.0}, ">= 0"),
+    ],
+)
+def test_bad_peft_hdmole_blocks_are_refused(block, message) -> None:
+    with pytest.raises(PeftConfigError, match=message):
+        HdmoleOptions.from_dict(block)
+
+
+def test_peft_hdmole_belongs_to_peft_hdmole_only(tmp_path: Path) -> None:
+    args = PeftASRTask.get_parser().parse_args(
+        [
+            "--peft",
+            "lora",
+            "--peft_conf",
+            "{target_modules: [linear_q]}",
+            "--peft_hdmole",
+            "{domain_weight: 1}",
+        ]
+    )
+    with pytest.raises(PeftConfigError, match="peft_hdmole is for peft: hdmole"):
+        peft_options(args).hdmole_options()
+
+
+def test_layer_statistics_are_weighted_by_batch_size(tmp_path: Path) -> None:
+    statistics = LayerStatistics()
+    statistics.add({"a.active_experts": 1.0}, 3.0)
+    statistics.add({"a.active_experts": 2.0}, 1.0)
+    statistics.write(tmp_path / "stats" / "valid.1.txt")
+    assert (tmp_path / "stats" / "valid.1.txt").read_text() == "a.active_experts 1.2500\n"
+    statistics.reset()
+    assert statistics.means() == {}
