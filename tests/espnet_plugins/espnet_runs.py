@@ -43,3 +43,13 @@ def read_text_file(path: Path) -> dict[str, str]:
     """A Kaldi-style ``utt text`` file as a dict (empty text for a line with the key only)."""
     rows = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
     return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
+
+
+def pretrain_base(work: Path, epochs: int) -> Path:
+    """Train the tiny base model with stock ``espnet2.bin.asr_train`` on ``work``/data/{train,valid};
+    its best model file (config.yaml next to it)."""
+    args = ["--config", str(TINY_CONFIG), "--token_list", "data/tokens.txt", "--output_dir", "exp/base"]
+    args += ["--max_epoch", str(epochs)]
+    args += data_args("train", work / "data" / "train") + data_args("valid", work / "data" / "valid")
+    run_module("espnet2.bin.asr_train", args, work, work / "pretrain.log")
+    return work / "exp" / "base" / "valid.acc.best.pth"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, TINY_CONFIG, data_args, read_text_file, run_module
+from espnet_runs import REPO, data_args, pretrain_base, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
@@ -44,15 +44,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(work: Path) -> Path:
     """The base model file, trained by stock ESPnet; its config.yaml sits next to it."""
-    args = ["--config", str(TINY_CONFIG), "--token_list", "data/tokens.txt", "--output_dir", "exp/base"]
-    args += ["--max_epoch", str(PRETRAIN_EPOCHS)]
-    run_module(
-        "espnet2.bin.asr_train",
-        args + data_args("train", work / "data" / "train") + data_args("valid", work / "data" / "valid"),
-        work,
-        work / "pretrain.log",
-    )
-    return work / "exp" / "base" / "valid.acc.best.pth"
+    return pretrain_base(work, PRETRAIN_EPOCHS)
 
 
 def adapt(work: Path, pretrained: Path, name: str, config: Path, *extra: str) -> tuple[Path, str]:
