@@ -4,12 +4,20 @@
 #   stage 2  synthesize         TTS, voice transforms, noise; both cores; resumable  -> ${synth}/<split>/*.wav
 #   stage 3  data dirs          Kaldi-style ${data}/<split>/{wav.scp,text,utt2spk,spk2utt,utt2domain,utt2dur}
 #   stage 4  recognizer check   pocketsphinx WER per domain on each test split        -> ${exp}/pocketsphinx_wer.md
-# Later stages (tokens, stats, pretrain, fine-tune, decode, score) append below. They read
-# ${data}/source_{train,dev,test} and, for each domain d in ${data}/target_domains.txt (synthetic and
-# user-given), ${data}/${d}_{adapt,dev,test}.
+#   stage 5  tokens             character token list of source_train                  -> ${data}/token_list/char/tokens.txt
+#   stage 6  shapes             speech_shape of every data dir (utterance_mvn: no stats) -> ${data}/<split>/speech_shape
+#   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.best.pth
+#   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
+#   stage 9  decode             base (zero-shot) and each adapted model on target + source test -> ${exp}/decode/<name>/
+#   stage 10 score              WER, CER, forgetting, cost per (domain, method)        -> ${exp}/results.{md,csv}, .png
+# Stages 5-10 read ${data}/source_{train,dev,test} and, for each domain d in ${data}/target_domains.txt
+# (synthetic and user-given), ${data}/${d}_{adapt,dev,test}. Model configs: conf/asr/<profile>/.
 # Usage: ./run.sh [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J]
 #                 [--target_data_dirs "accent=/path child=/path"]   (each path holds adapt/ and test/, dev/ optional)
 #                 [--data D] [--synth S] [--exp E] [--python P]      (relative paths are relative to this directory)
+#                 [--methods "full lora dora pissa ssvd ssvd_o"]    (default: the profile's default_methods)
+#                 [--domains "accent child noisy"]                  (default: all of ${data}/target_domains.txt)
+#                 [--base_model path/valid.acc.best.pth]            (config.yaml next to it; default ${exp}/base/...)
 set -euo pipefail
 
 stage=1
@@ -21,13 +29,16 @@ data=""    # default data/${profile}
 synth=""   # default synth/${profile}
 exp=""     # default exp/${profile}
 python=""  # default: the project's .venv (path.sh)
+methods=""     # default: default_methods of conf/asr/${profile}/adapters.yaml
+domains=""     # default: ${data}/target_domains.txt
+base_model=""  # default: ${exp}/base/valid.acc.best.pth (pretrained by stage 7 unless it exists)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
 while [ $# -gt 0 ]; do
     name=${1#--}
     if [ "${name}" = "$1" ] || [ $# -lt 2 ] || ! declare -p "${name}" >/dev/null 2>&1; then
-        echo "usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P]" >&2
+        echo "usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--base_model M]" >&2
         exit 1
     fi
     printf -v "${name}" '%s' "$2"
@@ -68,6 +79,146 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     eval_splits="$(printf '%s\n' ${source_splits} | grep '_test$' || true) $(sed 's/$/_test/' "${data}/target_domains.txt" | tr '\n' ' ')"
     ${python} local/pocketsphinx_check.py --data_dir "${data}" --splits "${eval_splits}" --n "${n}" \
         --out_dir "${exp}" --nj "${nj}"
+fi
+
+asr_conf=conf/asr/${profile}
+base_model=${base_model:-${exp}/base/valid.acc.best.pth}
+token_list=${data}/token_list/char/tokens.txt
+threads=$(( $(nproc) / nj > 0 ? $(nproc) / nj : 1 ))  # per job when stages 8-9 run ${nj} jobs at once
+if [ ${stop_stage} -ge 8 ]; then
+    [ -n "${methods}" ] || methods=$(${python} -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["default_methods"]))' "${asr_conf}/adapters.yaml")
+    [ -n "${domains}" ] || domains=$(tr '\n' ' ' < "${data}/target_domains.txt")
+fi
+
+# run_logged LOG COMMAND...: run COMMAND with its output in LOG; on failure show the end of LOG.
+run_logged() {
+    local log_file=$1
+    shift
+    mkdir -p "$(dirname "${log_file}")"
+    "$@" > "${log_file}" 2>&1 || { tail -n 30 "${log_file}" >&2; echo "failed: see ${log_file}" >&2; return 1; }
+}
+
+# Jobs run in the background, ${nj} at a time; wait_jobs waits for them and fails if one failed.
+pids=()
+wait_jobs() {
+    local pid failed=0
+    for pid in "${pids[@]}"; do wait "${pid}" || failed=1; done
+    pids=()
+    return ${failed}
+}
+start_job() {
+    "$@" &
+    pids+=($!)
+    if [ ${#pids[@]} -ge ${nj} ]; then wait_jobs; fi
+}
+
+data_args() {  # data_args PREFIX DATA_DIR: ESPnet's speech + text inputs and shape file
+    echo "--$1_data_path_and_name_and_type $2/wav.scp,speech,sound --$1_data_path_and_name_and_type $2/text,text,text --$1_shape_file $2/speech_shape"
+}
+
+if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
+    log "Stage 5: character token list -> ${token_list}"
+    ${python} local/token_list.py --text "${data}/source_train/text" --out "${token_list}"
+fi
+
+if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
+    log "Stage 6: speech_shape of every data dir in ${data}"
+    ${python} local/shape_files.py $(dirname $(ls "${data}"/*/wav.scp))
+fi
+
+if [ ${stage} -le 7 ] && [ ${stop_stage} -ge 7 ]; then
+    if [ -f "${base_model}" ]; then
+        log "Stage 7: base model ${base_model} exists, reused"
+    else
+        base_dir=$(dirname "${base_model}")
+        log "Stage 7: pretrain the base model on source_train -> ${base_dir} (log ${base_dir}/pretrain.log)"
+        run_logged "${base_dir}/pretrain.log" ${python} local/measure.py --out "${base_dir}/train_stats.json" -- \
+            ${python} -m espnet2.bin.asr_train --config "${asr_conf}/pretrain.yaml" --token_list "${token_list}" \
+            --output_dir "${base_dir}" --ngpu 0 --use_matplotlib false --use_tensorboard false \
+            $(data_args train "${data}/source_train") $(data_args valid "${data}/source_dev")
+    fi
+fi
+
+if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
+    conf_dir=${exp}/finetune_conf
+    base_config=$(dirname "${base_model}")/config.yaml
+    if [ ! -f "${conf_dir}/trainable.json" ] || [ "${asr_conf}/adapters.yaml" -nt "${conf_dir}/trainable.json" ] \
+        || [ "${asr_conf}/finetune.yaml" -nt "${conf_dir}/trainable.json" ] \
+        || [ "${base_config}" -nt "${conf_dir}/trainable.json" ]; then
+        log "Stage 8: fine-tuning configs, every PEFT method at the same budget -> ${conf_dir}"
+        ${python} local/finetune_configs.py --base_config "${base_config}" \
+            --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}"
+    fi
+    finetune() {  # finetune METHOD DOMAIN
+        local dir=${exp}/$2/$1 module=espnet_plugins.bin.asr_train init="--peft_pretrained ${base_model}"
+        if [ "$1" = full ]; then module=espnet2.bin.asr_train; init="--init_param ${base_model}"; fi
+        rm -rf "${dir}"
+        OMP_NUM_THREADS=${threads} run_logged "${dir}/finetune.log" \
+            ${python} local/measure.py --out "${dir}/train_stats.json" -- \
+            ${python} -m ${module} --config "${conf_dir}/$1.yaml" ${init} --output_dir "${dir}" --ngpu 0 \
+            --use_matplotlib false --use_tensorboard false \
+            $(data_args train "${data}/$2_adapt") $(data_args valid "${data}/$2_dev")
+    }
+    for domain in ${domains}; do
+        for method in ${methods}; do
+            if [ -f "${exp}/${domain}/${method}/train_stats.json" ]; then
+                log "Stage 8: ${method} on ${domain} done, skipped"
+                continue
+            fi
+            log "Stage 8: fine-tune ${method} on ${domain}_adapt -> ${exp}/${domain}/${method}"
+            start_job finetune "${method}" "${domain}"
+        done
+    done
+    wait_jobs
+fi
+
+if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
+    decode() {  # decode NAME MODULE CONFIG MODEL TEST_SPLITS...: hypotheses of every test split at once
+        local dir=${exp}/decode/$1 module=$2 config=$3 model=$4 split extra=""
+        shift 4
+        rm -rf "${dir}"
+        mkdir -p "${dir}"
+        for split in "$@"; do cat "${data}/${split}/wav.scp"; done > "${dir}/wav.scp"
+        if [ "${module}" = espnet_plugins.bin.asr_inference ]; then extra="--peft_merge true"; fi
+        OMP_NUM_THREADS=${threads} run_logged "${dir}/decode.log" \
+            ${python} -m ${module} --config "${asr_conf}/decode.yaml" --asr_train_config "${config}" \
+            --asr_model_file "${model}" --data_path_and_name_and_type "${dir}/wav.scp,speech,sound" \
+            --output_dir "${dir}" --ngpu 0 ${extra}
+        echo "$*" > "${dir}/splits"
+    }
+    decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the model was written
+        local dir=${exp}/decode/$1 model=$2
+        shift 2
+        [ -f "${dir}/splits" ] && [ "$(cat "${dir}/splits")" = "$*" ] && [ "${dir}/splits" -nt "${model}" ]
+    }
+    base_splits="source_test $(printf '%s_test ' ${domains})"
+    if decoded base "${base_model}" ${base_splits}; then
+        log "Stage 9: base decoded, skipped"
+    else
+        log "Stage 9: decode the base model (zero-shot) -> ${exp}/decode/base"
+        start_job decode base espnet2.bin.asr_inference "$(dirname "${base_model}")/config.yaml" "${base_model}" \
+            ${base_splits}
+    fi
+    for domain in ${domains}; do
+        for method in ${methods}; do
+            dir=${exp}/${domain}/${method}
+            if decoded "${domain}_${method}" "${dir}/valid.acc.best.pth" "${domain}_test" source_test; then
+                log "Stage 9: ${method} on ${domain} decoded, skipped"
+                continue
+            fi
+            module=espnet_plugins.bin.asr_inference
+            if [ "${method}" = full ]; then module=espnet2.bin.asr_inference; fi
+            log "Stage 9: decode ${method} on ${domain} -> ${exp}/decode/${domain}_${method}"
+            start_job decode "${domain}_${method}" ${module} "${dir}/config.yaml" "${dir}/valid.acc.best.pth" \
+                "${domain}_test" source_test
+        done
+    done
+    wait_jobs
+fi
+
+if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
+    log "Stage 10: score -> ${exp}/results.md, ${exp}/results.csv, ${exp}/learning_vs_forgetting.png"
+    ${python} local/score.py --data "${data}" --exp "${exp}" --domains "${domains}" --methods "${methods}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

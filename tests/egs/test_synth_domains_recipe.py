@@ -1,0 +1,148 @@
+"""Training, decoding and scoring stages of egs/synth_domains/asr1: the `ci` profile end to end.
+
+``run.sh --profile ci`` runs every stage (data, tokens, shapes, pretraining, fine-tuning with the
+profile's default methods on every target domain, decoding, scoring) once per module in a
+temporary directory: about 2-4 minutes on 2 cores. The models are tiny and barely trained, so
+the tests check that the pipeline produced a complete, well-formed results table, not its numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("espnet2")
+pytest.importorskip("matplotlib")
+
+RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
+TOOLS = ("flite", "text2wave", "espeak-ng")
+ERROR_RATES = ("target WER", "target CER", "source WER", "source CER")
+
+
+def run_recipe(root: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """run.sh of the ci profile with its data, synth and exp dirs under root."""
+    command = ["bash", str(RECIPE / "run.sh"), "--profile", "ci", "--python", sys.executable]
+    command += ["--data", str(root / "data"), "--synth", str(root / "synth"), "--exp", str(root / "exp")]
+    result = subprocess.run([*command, *options], capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"run.sh {' '.join(options)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def recipe_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    assert not missing, f"{missing} not installed: run egs/synth_domains/asr1/local/install_deps.sh"
+    root = tmp_path_factory.mktemp("synth_domains_recipe")
+    run_recipe(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exp(recipe_root: Path) -> Path:
+    return recipe_root / "exp"
+
+
+@pytest.fixture(scope="module")
+def domains(recipe_root: Path) -> list[str]:
+    return (recipe_root / "data" / "target_domains.txt").read_text().split()
+
+
+@pytest.fixture(scope="module")
+def methods() -> list[str]:
+    return yaml.safe_load((RECIPE / "conf" / "asr" / "ci" / "adapters.yaml").read_text())["default_methods"]
+
+
+@pytest.fixture(scope="module")
+def rows(exp: Path) -> list[dict[str, str]]:
+    with (exp / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_results_have_one_row_per_domain_and_method_plus_the_base(
+    rows: list[dict[str, str]], domains: list[str], methods: list[str]
+) -> None:
+    assert domains == ["accent", "child", "noisy"]
+    expected = [(domain, method) for domain in domains for method in ["base", *methods]]
+    assert [(row["domain"], row["method"]) for row in rows] == expected
+
+
+def test_every_number_parses_and_is_in_range(rows: list[dict[str, str]]) -> None:
+    for row in rows:
+        adapted = row["method"] != "base"
+        for column in ERROR_RATES:
+            assert float(row[column]) >= 0.0, (row, column)
+        if adapted:
+            assert int(row["trainable params"]) > 0, row
+            assert float(row["train seconds"]) > 0.0 and float(row["peak memory MB"]) > 0.0, row
+        else:
+            assert int(row["trainable params"]) == 0, row
+            assert row["train seconds"] == row["peak memory MB"] == "", row
+
+
+def test_forgetting_is_the_change_of_source_wer_from_the_base(rows: list[dict[str, str]]) -> None:
+    base_source_wer = {row["domain"]: float(row["source WER"]) for row in rows if row["method"] == "base"}
+    assert len(set(base_source_wer.values())) == 1
+    for row in rows:
+        change = float(row["source WER"]) - base_source_wer[row["domain"]]
+        assert float(row["forgetting (source WER change)"]) == pytest.approx(change, abs=0.011), row
+
+
+def test_peft_methods_train_fewer_parameters_than_full_fine_tuning(
+    rows: list[dict[str, str]], exp: Path
+) -> None:
+    planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
+    assert set(planned) == {"full", "lora", "dora", "pissa", "ssvd", "ssvd_o"}
+    peft_budgets = [count for method, count in planned.items() if method != "full"]
+    assert max(peft_budgets) < 0.1 * planned["full"]
+    assert max(peft_budgets) <= 1.5 * min(peft_budgets), planned
+    for row in rows:
+        if row["method"] == "full":
+            assert int(row["trainable params"]) == planned["full"]
+        elif row["method"] != "base":
+            assert int(row["trainable params"]) == planned[row["method"]], row
+
+
+def test_markdown_table_and_plot_are_written(exp: Path, rows: list[dict[str, str]]) -> None:
+    table = [line for line in (exp / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    assert "| domain | method | trainable params | target WER |" in table[0]
+    plot = exp / "learning_vs_forgetting.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+
+
+def test_decoding_covers_every_test_utterance(
+    exp: Path, recipe_root: Path, domains: list[str], methods: list[str]
+) -> None:
+    def keys(path: Path) -> set[str]:
+        return {line.split(maxsplit=1)[0] for line in path.read_text().splitlines() if line.strip()}
+
+    data = recipe_root / "data"
+    source = keys(data / "source_test" / "text")
+    assert keys(exp / "decode" / "base" / "1best_recog" / "text") == source.union(
+        *(keys(data / f"{domain}_test" / "text") for domain in domains)
+    )
+    for domain in domains:
+        for method in methods:
+            hypotheses = keys(exp / "decode" / f"{domain}_{method}" / "1best_recog" / "text")
+            assert hypotheses == source | keys(data / f"{domain}_test" / "text"), (domain, method)
+
+
+def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: Path) -> None:
+    stats = exp / "accent" / "ssvd_o" / "train_stats.json"
+    before = stats.stat().st_mtime_ns
+    result = run_recipe(recipe_root, "--stage", "7")
+    assert "Stage 7: base model" in result.stdout and "reused" in result.stdout
+    assert "Stage 8: fine-tuning configs" not in result.stdout
+    assert "Stage 9: base decoded, skipped" in result.stdout
+    assert "Stage 8: ssvd_o on accent done, skipped" in result.stdout
+    assert "Stage 9: ssvd_o on accent decoded, skipped" in result.stdout
+    assert stats.stat().st_mtime_ns == before

@@ -1,0 +1,51 @@
+"""Scoring of egs/synth_domains/asr1 (local/score.py): error rates summed over a test split."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
+sys.path.insert(0, str(RECIPE / "local"))
+
+import score  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "distance"),
+    [
+        ("a b c", "a b c", 0),
+        ("a b c", "a x c", 1),  # substitution
+        ("a b c", "a c", 1),  # deletion
+        ("a b c", "a b b c", 1),  # insertion
+        ("a b c", "", 3),
+        ("", "a b", 2),
+        ("a b c d", "b c d a", 2),
+    ],
+)
+def test_edit_distance_counts_substitutions_deletions_and_insertions(
+    reference: str, hypothesis: str, distance: int
+) -> None:
+    assert score.edit_distance(reference.split(), hypothesis.split()) == distance
+
+
+def test_error_rates_sum_errors_over_the_split_and_count_missing_hypotheses_as_deletions() -> None:
+    references = {"u1": "the cat sat", "u2": "on the mat"}
+    wer, cer = score.error_rates(references, {"u1": "the cat sat", "u3": "ignored"})
+    assert (wer.errors, wer.length) == (3, 6)
+    assert wer.percent == pytest.approx(50.0)
+    assert (cer.errors, cer.length) == (10, 21)  # spaces are characters
+
+
+def test_forgetting_is_source_wer_minus_the_base_source_wer() -> None:
+    base = (score.ErrorRate(1, 10), score.ErrorRate(2, 40))
+    adapted = (score.ErrorRate(3, 10), score.ErrorRate(4, 40))
+    target = (score.ErrorRate(5, 10), score.ErrorRate(6, 40))
+    row = score.row("child", "lora", 123, target, adapted, base, {"seconds": 1.5, "peak_memory_mb": 99.0})
+    assert row["forgetting (source WER change)"] == pytest.approx(20.0)
+    assert (row["target WER"], row["source WER"], row["train seconds"]) == (50.0, 30.0, 1.5)
+    base_row = score.row("child", "base", 0, target, base, base, None)
+    assert base_row["forgetting (source WER change)"] == 0.0
+    assert base_row["train seconds"] == base_row["peak memory MB"] == ""
