@@ -53,3 +53,16 @@ def pretrain_base(work: Path, epochs: int) -> Path:
     args += data_args("train", work / "data" / "train") + data_args("valid", work / "data" / "valid")
     run_module("espnet2.bin.asr_train", args, work, work / "pretrain.log")
     return work / "exp" / "base" / "valid.acc.best.pth"
+
+
+def export_merged(work: Path, exp: Path, output_dir: str, *extra: str) -> Path:
+    """Run ``espnet_plugins.bin.export_merged`` on the best model of ``exp``; the export directory."""
+    args = [
+        "--asr_train_config",
+        str(exp / "config.yaml"),
+        "--asr_model_file",
+        str(exp / "valid.acc.best.pth"),
+    ]
+    args += ["--output_dir", output_dir, *extra]
+    run_module("espnet_plugins.bin.export_merged", args, work, work / f"{output_dir}.log")
+    return work / output_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, data_args, pretrain_base, read_text_file, run_module
+from espnet_runs import REPO, data_args, export_merged, pretrain_base, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
@@ -181,24 +181,11 @@ def test_merged_inference_gives_the_same_hypotheses(
 def test_exported_model_decodes_the_same_with_stock_espnet(
     work: Path, ssvd_o: tuple[Path, str], adapted_hypotheses: dict[str, str]
 ) -> None:
-    exp, _ = ssvd_o
-    args = [
-        "--asr_train_config",
-        str(exp / "config.yaml"),
-        "--asr_model_file",
-        str(exp / "valid.acc.best.pth"),
-    ]
-    run_module(
-        "espnet_plugins.bin.export_merged", [*args, "--output_dir", "export"], work, work / "export.log"
-    )
-    config = yaml.safe_load((work / "export" / "config.yaml").read_text())
+    exported = export_merged(work, ssvd_o[0], "export")
+    config = yaml.safe_load((exported / "config.yaml").read_text())
     assert not [key for key in config if key.startswith("peft")]
     stock = decode(
-        work,
-        "espnet2.bin.asr_inference",
-        work / "export" / "config.yaml",
-        work / "export" / "model.pth",
-        "stock",
+        work, "espnet2.bin.asr_inference", exported / "config.yaml", exported / "model.pth", "stock"
     )
     assert stock == adapted_hypotheses
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, data_args, pretrain_base, read_text_file, run_module
+from espnet_runs import REPO, data_args, export_merged, pretrain_base, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
@@ -171,20 +171,8 @@ def test_plugin_inference_decodes_every_utterance(work: Path, hdmole: tuple[Path
 def test_fixed_domain_export_decodes_with_stock_espnet(
     work: Path, hdmole: tuple[Path, str], pretrained: Path
 ) -> None:
-    exp, _ = hdmole
-    args = [
-        "--asr_train_config",
-        str(exp / "config.yaml"),
-        "--asr_model_file",
-        str(exp / "valid.acc.best.pth"),
-    ]
-    run_module(
-        "espnet_plugins.bin.export_merged",
-        [*args, "--output_dir", "export1", "--peft_domain", "1"],
-        work,
-        work / "export.log",
-    )
-    exported = torch.load(work / "export1" / "model.pth", map_location="cpu")
+    export_dir = export_merged(work, hdmole[0], "export1", "--peft_domain", "1")
+    exported = torch.load(export_dir / "model.pth", map_location="cpu")
     base = torch.load(pretrained, map_location="cpu")
     assert exported.keys() == base.keys()
     key = "encoder.encoders.0.feed_forward.w_1.weight"
@@ -193,8 +181,8 @@ def test_fixed_domain_export_decodes_with_stock_espnet(
     hypotheses = decode(
         work,
         "espnet2.bin.asr_inference",
-        work / "export1" / "config.yaml",
-        work / "export1" / "model.pth",
+        export_dir / "config.yaml",
+        export_dir / "model.pth",
         "stock",
         data,
     )
