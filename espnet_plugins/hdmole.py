@@ -1,8 +1,10 @@
-"""HDMoLE in ESPnet: the domain router, the auxiliary losses and the routing statistics.
+"""HDMoLE in ESPnet: the domain router, the auxiliary losses, the routing statistics and the
+domain labels.
 
     peft: hdmole
     peft_conf: {target_modules: [linear_q, linear_v], num_domains: 2, rank: 4}
-    peft_hdmole: {domain_weight: 0.5, balance_weight: 0.01, router_source: encoder, router_side: input}
+    peft_hdmole: {domain_weight: 0.5, balance_weight: 0.01, router_source: encoder, router_side: input,
+                  domains: [native, accent]}
 
 ``attach_hdmole`` adds the global domain router on ``router_source``'s input or output (its
 feature dim from the model unless ``router_dim`` is set; see ``router_feature_dim``) and a
@@ -12,22 +14,33 @@ forward hook on the ESPnet model that turns its (loss, stats, weight) into
 
 with ``stats`` extended by ``hdmole_balance``, ``hdmole_domain`` (batches with domain labels),
 and in validation ``hdmole_active_experts``, ``hdmole_routing_entropy`` (means over layers)
-and ``hdmole_domain_accuracy`` (with labels); ``stats["loss"]`` is the total. Domain labels
-come from the batch's ``domain`` entry (a per-utterance ``utt2domain`` of integer ids read as
-``text_int``); a negative id marks an unlabelled utterance, and without the entry the router
-runs on its own prediction and L_dom is skipped. Per-layer validation statistics are summed
-in ``LayerStatistics`` and written by the trainer after every validation epoch.
+and ``hdmole_domain_accuracy`` (with labels); ``stats["loss"]`` is the total. Without labels
+L_dom is skipped and the router's logits enter the loss with weight 0, so every trainable
+parameter is in the graph of every step (DDP needs no ``--unused_parameters``). Per-layer
+validation statistics are summed in ``LayerStatistics`` and written by the trainer after every
+validation epoch.
+
+Domain labels come from the batch's ``domain`` entry, a per-utterance ``utt2domain`` file:
+
+    utt1 accent     read as text: a name from ``domains`` (its index is the id), or UNLABELLED
+    utt1 1          read as text_int: the id; a negative id marks an unlabelled utterance
+
+``DomainNames`` (wrapped around the task's preprocessing) turns names into ids before
+collation. Without the entry the router runs on its own prediction.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from espnet2.torch_utils.device_funcs import force_gatherable
 from torch import nn
 
 from ssvd_peft.config import PeftConfigError
@@ -41,18 +54,22 @@ from ssvd_peft.layers.hdmole import (
 from ssvd_peft.layers.routing import IGNORE_DOMAIN
 
 DOMAIN_KEY = "domain"
+UNLABELLED = "-"
+ROUTING_STATS = ("active_experts", "routing_entropy", "domain_accuracy")
 STATS_DIR = "hdmole_stats"
 
 
 @dataclass(frozen=True)
 class HdmoleOptions:
-    """The ``peft_hdmole`` block: loss weights and where the domain router reads its features."""
+    """The ``peft_hdmole`` block: loss weights, where the domain router reads its features, and
+    the names of the domain ids 0 .. M-1 (``domains``, optional)."""
 
     domain_weight: float = 0.5
     balance_weight: float = 0.01
     router_source: str = "encoder"
     router_side: str = "input"
     router_dim: int | None = None
+    domains: tuple[str, ...] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> HdmoleOptions:
@@ -61,6 +78,8 @@ class HdmoleOptions:
         unknown = sorted(set(values) - known)
         if unknown:
             raise PeftConfigError(f"peft_hdmole: unknown option(s) {unknown}; known: {sorted(known)}")
+        if values.get("domains") is not None:
+            values["domains"] = checked_domain_names(values["domains"])
         options = cls(**values)
         if options.router_side not in ("input", "output"):
             raise PeftConfigError(
@@ -69,6 +88,79 @@ class HdmoleOptions:
         if options.domain_weight < 0 or options.balance_weight < 0:
             raise PeftConfigError("peft_hdmole: domain_weight and balance_weight must be >= 0")
         return options
+
+    def domain_names(self, num_domains: int) -> tuple[str, ...] | None:
+        """``domains``, checked to name exactly the ``num_domains`` domains of peft_conf."""
+        if self.domains is not None and len(self.domains) != num_domains:
+            raise PeftConfigError(
+                f"peft_hdmole.domains names {len(self.domains)} domains {list(self.domains)} but "
+                f"peft_conf.num_domains is {num_domains}; give one name per domain id 0 .. {num_domains - 1}"
+            )
+        return self.domains
+
+
+def checked_domain_names(names: Any) -> tuple[str, ...]:
+    """The ``domains`` list as a tuple of distinct single-word names that are not integer ids."""
+    if not isinstance(names, list | tuple) or not names:
+        raise PeftConfigError(f"peft_hdmole.domains must be a list of domain names, got {names!r}")
+    bad = [name for name in names if not isinstance(name, str) or name.split() != [name]]
+    if bad:
+        raise PeftConfigError(
+            f"peft_hdmole.domains must be single-word names (quote names YAML reads as numbers or "
+            f"booleans), got {bad!r} in {list(names)!r}"
+        )
+    reserved = [name for name in names if name == UNLABELLED or is_domain_id(name)]
+    if reserved:
+        raise PeftConfigError(
+            f"peft_hdmole.domains: {reserved} cannot be domain names ({UNLABELLED!r} marks an "
+            "unlabelled utterance, integers are ids); rename them"
+        )
+    if len(set(names)) != len(names):
+        raise PeftConfigError(f"peft_hdmole.domains has repeated names: {list(names)}")
+    return tuple(names)
+
+
+def domain_id(name: str, domains: tuple[str, ...] | None, utterance: str) -> int:
+    """The id of a domain name from utt2domain: its index in ``domains``; UNLABELLED -> -1."""
+    if name == UNLABELLED:
+        return -1
+    if domains is None:
+        raise ValueError(
+            f"utt2domain gives utterance {utterance!r} the domain name {name!r}, but peft_hdmole has "
+            "no domains list; set peft_hdmole.domains to the names in id order, or write integer "
+            "ids and read the file as text_int"
+        )
+    if name not in domains:
+        raise ValueError(
+            f"utt2domain gives utterance {utterance!r} the unknown domain {name!r}; known domains "
+            f"(peft_hdmole.domains): {list(domains)}, or {UNLABELLED!r} for an utterance without a "
+            "label (integer ids: read the file as text_int)"
+        )
+    return domains.index(name)
+
+
+class DomainNames:
+    """Preprocessing: a name-valued ``domain`` entry (utt2domain read as ``text``) becomes its
+    (1,) int64 id (``domain_id``), then the task's own preprocessing (if any) runs."""
+
+    def __init__(
+        self,
+        preprocess: Callable[[str, dict[str, Any]], dict[str, np.ndarray]] | None,
+        domains: tuple[str, ...] | None,
+    ) -> None:
+        self.preprocess = preprocess
+        self.domains = domains
+
+    def __call__(self, uid: str, data: dict[str, Any]) -> dict[str, np.ndarray]:
+        name = data.get(DOMAIN_KEY)
+        if isinstance(name, str):
+            data = {**data, DOMAIN_KEY: np.array([domain_id(name.strip(), self.domains, uid)])}
+        return data if self.preprocess is None else self.preprocess(uid, data)
+
+
+def is_domain_id(text: str) -> bool:
+    """Whether ``text`` is an integer (a domain id, as opposed to a name)."""
+    return text.removeprefix("-").isdigit()
 
 
 class LayerStatistics:
@@ -121,6 +213,7 @@ def router_feature_dim(model: nn.Module, options: HdmoleOptions) -> int:
 
 def attach_hdmole(model: nn.Module, options: HdmoleOptions, adapter_name: str) -> None:
     """Attach the domain router and the hook that adds the auxiliary losses and statistics."""
+    options.domain_names(routing_context(model, adapter_name).num_domains)
     attach_domain_router(
         model,
         router_feature_dim(model, options),
@@ -159,17 +252,17 @@ def _add_hdmole_terms(
     if domain_router(model, adapter_name) is None:
         return output
     loss, stats, weight = output
-    labels = domain_labels(kwargs, routing_context(model, adapter_name).num_domains)
+    context = routing_context(model, adapter_name)
+    labels = domain_labels(kwargs, context.num_domains)
     losses = hdmole_aux_losses(model, labels, adapter_name)
     total = loss + options.balance_weight * losses["balance"]
     if "domain" in losses:
         total = total + options.domain_weight * losses["domain"]
-    stats = {**stats, "loss": total.detach()}
-    stats.update({f"hdmole_{key}": value.detach() for key, value in losses.items()})
+    elif context.domain_logits is not None:
+        total = total + 0.0 * context.domain_logits.sum()
+    added = {"loss": total.detach(), **{f"hdmole_{key}": value.detach() for key, value in losses.items()}}
     if not model.training:
         routing = hdmole_statistics(model, labels, adapter_name)
-        for key in ("active_experts", "routing_entropy", "domain_accuracy"):
-            if key in routing:
-                stats[f"hdmole_{key}"] = torch.tensor(routing[key], device=loss.device)
+        added.update({f"hdmole_{key}": routing[key] for key in ROUTING_STATS if key in routing})
         model.hdmole_layer_statistics.add(routing, float(weight))
-    return total, stats, weight
+    return total, {**stats, **force_gatherable(added, loss.device)}, weight

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import yaml
 from espnet2.train.abs_espnet_model import AbsESPnetModel
 
-from espnet_plugins.hdmole import DOMAIN_KEY, attach_hdmole
+from espnet_plugins.hdmole import DOMAIN_KEY, DomainNames, attach_hdmole
 from espnet_plugins.options import PeftOptions, add_peft_arguments, peft_options
 from espnet_plugins.pretrained import adopt_pretrained_architecture, architecture_keys, load_base_weights
 from espnet_plugins.state import keep_adapter_entries, load_adapter_entries
@@ -69,8 +70,18 @@ class PeftTaskMixin:
 
     @classmethod
     def optional_data_names(cls, train: bool = True, inference: bool = False) -> tuple[str, ...]:
-        """The base task's, plus ``domain`` (per-utterance domain ids for HDMoLE, e.g. utt2domain)."""
+        """The base task's, plus ``domain`` (per-utterance domain ids or names for HDMoLE, utt2domain)."""
         return (*super().optional_data_names(train, inference), DOMAIN_KEY)
+
+    @classmethod
+    def build_preprocess_fn(cls, args: argparse.Namespace, train: bool) -> Callable[..., Any] | None:
+        """The base task's preprocessing; with HDMoLE, domain names become ids first (``DomainNames``)."""
+        preprocess = super().build_preprocess_fn(args, train)
+        options = peft_options(args)
+        if options is None or options.method != "hdmole":
+            return preprocess
+        domains = options.hdmole_options().domain_names(options.adapter_config().num_domains)
+        return DomainNames(preprocess, domains)
 
     @classmethod
     def build_model(cls, args: argparse.Namespace) -> AbsESPnetModel:

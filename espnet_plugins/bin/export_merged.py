@@ -36,9 +36,10 @@ def get_parser():
     parser.add_argument("--output_dir", required=True, help="where config.yaml and model.pth are written")
     parser.add_argument(
         "--peft_domain",
-        type=int,
+        type=str,
         default=None,
-        help="HDMoLE only: merge the experts of this domain id (the export serves that domain only)",
+        help="HDMoLE only: merge the experts of this domain, an id or a name from the training "
+        "config's peft_hdmole.domains (the export serves that domain only)",
     )
     parser.add_argument(
         "--log_level", default="INFO", choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")

@@ -137,13 +137,13 @@ class HdmoleAdapter(Adapter):
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """w (..., N): the experts' weights for every token; records the routing statistics."""
-        local_probs = self.router(x).softmax(dim=-1)
-        domain_probs = self.context.probs_for(x)
+        local_logits = self.router(x)
+        domain_log_probs = self.context.log_probs_for(x)
         routes = combine_routes(
-            local_probs, domain_probs, self.expert_domain, self.combination, self.mix_beta
+            local_logits, domain_log_probs, self.expert_domain, self.combination, self.mix_beta
         )
         weights, active = threshold_weights(routes, self.threshold(x))
-        self.last_routing = RoutingRecord.of(local_probs, routes, active)
+        self.last_routing = RoutingRecord.of(local_logits.softmax(dim=-1), routes, active)
         return weights
 
     def forward(self, x: torch.Tensor, base_layer: nn.Linear) -> torch.Tensor:

@@ -3,12 +3,18 @@
 For a batch of B utterances, N experts per layer and M domains (accents):
 
     g(u)  = softmax(W_g pool_t(h_t))                      global, one per model       (B, M)
-    p_t   = softmax(W_l x_t)                              local, one per layer         (..., N)
+    p_t   = softmax(l_t),  l_t = W_l x_t                  local, one per layer         (..., N)
     gate_i = g_{pi(i)}, 1 for shared experts (pi(i) = -1)
-    q_t   = product:   p_t * gate / sum_j p_tj gate_j                 (spec option a)
-            mix:       beta gate / sum_j gate_j + (1 - beta) p_t       (spec option b)
-            two_stage: p_t * gate([g = max g]) / sum_j (...)          (spec option c)
+    q_t   = product:   p_t * gate / sum_j p_tj gate_j = softmax(l_t + log gate)      (spec option a)
+            mix:       beta gate / sum_j gate_j + (1 - beta) p_t                     (spec option b)
+            two_stage: the product with gate([g = max g]), a softmax of l_t over the top
+                       domain's group                                                (spec option c)
     s_ti  = q_ti - tau,  m_ti = [s_ti > 0],  w_ti = s_ti m_ti / sum_j s_tj m_tj
+
+product and two_stage are computed in log space, softmax(l_t + log gate) with log g from the
+router's logits (log_softmax): the ratio form divides by a sum that float32 rounds to 0 (or to a
+denormal whose reciprocal overflows in the backward) once the local router favours experts of
+another domain by about 90 logits.
 
 A token that no expert passes keeps argmax_i q_ti with weight 1, so no token is ever dropped.
 (The spec writes m = [s >= 0]; the weight s m is the same, only q = tau exactly differs.)
@@ -22,6 +28,7 @@ HDMoLE layer of one adapter; without g every domain gets 1 / M.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,21 +62,32 @@ class RoutingContext:
         """Copies and pickles keep the domain count, not the batch's g (it may hold a graph)."""
         return {"num_domains": self.num_domains, "domain_probs": None, "domain_logits": None}
 
-    def probs_for(self, x: torch.Tensor) -> torch.Tensor:
-        """g shaped (B, 1, ..., 1, M) to broadcast over a batch-first input x (B, ..., in)."""
+    def log_probs_for(self, x: torch.Tensor) -> torch.Tensor:
+        """log g shaped (B, 1, ..., 1, M) to broadcast over a batch-first input x (B, ..., in):
+        log_softmax of the router's logits (exact where g underflows), else the log of g."""
         middle = (1,) * (x.dim() - 2)
         if self.domain_probs is None:
-            uniform = x.new_full((self.num_domains,), 1.0 / self.num_domains)
+            uniform = x.new_full((self.num_domains,), -math.log(self.num_domains))
             return uniform.view(*(1,) * (x.dim() - 1), self.num_domains)
-        probs = self.domain_probs.to(device=x.device, dtype=x.dtype)
-        if x.dim() < 2 or probs.shape[0] not in (1, x.shape[0]):
+        if x.dim() < 2 or self.domain_probs.shape[0] not in (1, x.shape[0]):
             raise ValueError(
-                f"the domain probabilities are for a batch of {probs.shape[0]} utterances but an "
-                f"HDMoLE layer got an input of shape {tuple(x.shape)}; HDMoLE layers take batch-first "
+                f"the domain probabilities are for a batch of {self.domain_probs.shape[0]} utterances but "
+                f"an HDMoLE layer got an input of shape {tuple(x.shape)}; HDMoLE layers take batch-first "
                 "inputs (B, ..., in). Set the probabilities of the batch being run (run the domain "
                 "router on it or call set_domain_probs), or set_domain_probs(model, None) for uniform g"
             )
-        return probs.view(probs.shape[0], *middle, self.num_domains)
+        if self.domain_logits is not None:
+            log_probs = self.domain_logits.log_softmax(dim=-1)
+        else:
+            log_probs = _log(self.domain_probs)
+        log_probs = log_probs.to(device=x.device, dtype=x.dtype)
+        return log_probs.view(log_probs.shape[0], *middle, self.num_domains)
+
+
+def _log(values: torch.Tensor) -> torch.Tensor:
+    """log, with -inf for 0 and a zero (not NaN) gradient there."""
+    positive = values > 0
+    return torch.where(positive, torch.where(positive, values, 1.0).log(), -math.inf)
 
 
 def masked_mean_pool(features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,29 +155,32 @@ class DomainRouter(nn.Module):
         self(features, lengths)
 
 
-def domain_gate(domain_probs: torch.Tensor, expert_domain: torch.Tensor) -> torch.Tensor:
-    """gate_i = g_{pi(i)} (1 for shared experts, pi(i) = -1): (..., M) -> (..., N)."""
-    padded = torch.cat([domain_probs, torch.ones_like(domain_probs[..., :1])], dim=-1)
-    index = torch.where(expert_domain < 0, domain_probs.shape[-1], expert_domain)
+def domain_gate(
+    domain_values: torch.Tensor, expert_domain: torch.Tensor, shared: float = 1.0
+) -> torch.Tensor:
+    """gate_i = v_{pi(i)} (``shared`` for shared experts, pi(i) = -1): (..., M) -> (..., N)."""
+    padded = torch.cat([domain_values, torch.full_like(domain_values[..., :1], shared)], dim=-1)
+    index = torch.where(expert_domain < 0, domain_values.shape[-1], expert_domain)
     return padded.index_select(-1, index)
 
 
 def combine_routes(
-    local_probs: torch.Tensor,
-    domain_probs: torch.Tensor,
+    local_logits: torch.Tensor,
+    domain_log_probs: torch.Tensor,
     expert_domain: torch.Tensor,
     combination: str,
     mix_beta: float = 0.5,
 ) -> torch.Tensor:
-    """q (..., N) from the local p (..., N) and the broadcastable global g (..., M); see the module doc."""
-    if combination == "two_stage":
-        top = domain_probs == domain_probs.amax(dim=-1, keepdim=True)
-        domain_probs = top.to(local_probs.dtype)
-    gate = domain_gate(domain_probs, expert_domain)
+    """q (..., N) from the local logits l (..., N) and the broadcastable global log g (..., M);
+    see the module doc."""
     if combination == "mix":
-        return mix_beta * gate / gate.sum(dim=-1, keepdim=True) + (1.0 - mix_beta) * local_probs
-    joint = local_probs * gate
-    return joint / joint.sum(dim=-1, keepdim=True)
+        gate = domain_gate(domain_log_probs.exp(), expert_domain)
+        return mix_beta * gate / gate.sum(dim=-1, keepdim=True) + (1.0 - mix_beta) * local_logits.softmax(-1)
+    if combination == "two_stage":
+        top = domain_log_probs == domain_log_probs.amax(dim=-1, keepdim=True)
+        domain_log_probs = torch.where(top, 0.0, -math.inf).to(local_logits.dtype)
+    log_gate = domain_gate(domain_log_probs, expert_domain, shared=0.0)
+    return (local_logits + log_gate).softmax(dim=-1)
 
 
 def threshold_weights(routes: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,18 @@
 
 A tiny Transformer ASR model is pretrained with stock ``espnet2.bin.asr_train`` on the tone
 corpus at its own pitch; ``espnet_plugins.bin.asr_train`` then adapts it with ``peft: hdmole``
-to a mix of that pitch (domain 0) and a shifted one (domain 1), reading ``utt2domain`` as the
-``domain`` data entry. The domain router pools the layer-normalised input of the first encoder
-block's self-attention over the valid frames (its padding mask), so every adapted layer is
-routed with the current batch's domain.
+to a mix of that pitch (domain ``source``, id 0) and a shifted one (``shifted``, id 1), reading
+``utt2domain`` (domain names, ``-`` for a few unlabelled training utterances) as text under
+``peft_hdmole.domains``. The domain router pools the layer-normalised input of the first
+encoder block's self-attention over the valid frames (its padding mask), so every adapted
+layer is routed with the current batch's domain. A short run with two processes (DDP, gloo)
+reads the integer ids of ``utt2domain_id`` as text_int.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ pytest.importorskip("espnet2")
 PRETRAIN_EPOCHS = 15
 ADAPT_EPOCHS = 30
 SHIFTS = (1.0, 1.5)
+DOMAINS = ("source", "shifted")
+UNLABELLED_EVERY = 6
 CORPUS_FILES = ("wav.scp", "text", "utt2spk", "speech_shape", "text_shape")
 DECODING = ["--batch_size", "1", "--beam_size", "2", "--ctc_weight", "0.5", "--ngpu", "0"]
 HDMOLE_BLOCK = {
@@ -40,31 +45,42 @@ HDMOLE_BLOCK = {
         "router_source": "encoder.encoders.0.self_attn",
         "router_side": "input",
         "router_dim": 64,
+        "domains": list(DOMAINS),
     },
     "peft_modules_to_save": [],
     "peft_save": "adapter",
 }
 
 
-def write_domain_data(path: Path, per_domain: int, seed: int) -> Path:
-    """One data dir with ``per_domain`` utterances of every domain in SHIFTS, and utt2domain."""
-    merged: dict[str, list[str]] = {name: [] for name in (*CORPUS_FILES, "utt2domain")}
+def write_domain_data(path: Path, per_domain: int, seed: int, unlabelled_every: int = 0) -> Path:
+    """One data dir with ``per_domain`` utterances of every domain in SHIFTS; utt2domain holds the
+    domain names (``-`` for every ``unlabelled_every``-th utterance), utt2domain_id the ids."""
+    names = (*CORPUS_FILES, "utt2domain", "utt2domain_id")
+    merged: dict[str, list[str]] = {name: [] for name in names}
     for domain, shift in enumerate(SHIFTS):
         source = write_data_dir(path / f"domain{domain}", per_domain, shift=shift, seed=seed + domain)
         for name in CORPUS_FILES:
             for line in (source / name).read_text().splitlines():
                 utt, rest = line.split(maxsplit=1)
                 merged[name].append(f"{utt}-d{domain} {rest}")
-        merged["utt2domain"] += [
-            f"{line.split()[0]}-d{domain} {domain}" for line in source.joinpath("text").open()
-        ]
+        for index, line in enumerate(source.joinpath("text").open()):
+            utt = f"{line.split()[0]}-d{domain}"
+            unlabelled = unlabelled_every and index % unlabelled_every == 0
+            merged["utt2domain"].append(f"{utt} {'-' if unlabelled else DOMAINS[domain]}")
+            merged["utt2domain_id"].append(f"{utt} {-1 if unlabelled else domain}")
     for name, lines in merged.items():
         (path / name).write_text("\n".join(sorted(lines)) + "\n")
     return path
 
 
 def domain_args(prefix: str, data_dir: Path) -> list[str]:
-    return [f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/utt2domain,domain,text_int"]
+    """utt2domain (names) read as text."""
+    return [f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/utt2domain,domain,text"]
+
+
+def domain_id_args(prefix: str, data_dir: Path) -> list[str]:
+    """utt2domain_id (integer ids) read as text_int."""
+    return [f"--{prefix}_data_path_and_name_and_type", f"{data_dir}/utt2domain_id,domain,text_int"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +88,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hdmole")
     write_data_dir(root / "data" / "train", 32, shift=SHIFTS[0], seed=0)
     write_data_dir(root / "data" / "valid", 8, shift=SHIFTS[0], seed=1)
-    write_domain_data(root / "data" / "adapt", 24, seed=10)
+    write_domain_data(root / "data" / "adapt", 24, seed=10, unlabelled_every=UNLABELLED_EVERY)
     write_domain_data(root / "data" / "heldout", 8, seed=20)
     write_token_list(root / "data" / "tokens.txt")
     return root
@@ -95,6 +111,13 @@ def hdmole(work: Path, pretrained: Path) -> tuple[Path, str]:
     for prefix, data in (("train", work / "data" / "adapt"), ("valid", work / "data" / "heldout")):
         args += data_args(prefix, data) + domain_args(prefix, data)
     return exp, run_module("espnet_plugins.bin.asr_train", args, work, work / "hdmole.log")
+
+
+def test_the_adaptation_data_has_names_and_unlabelled_utterances(work: Path) -> None:
+    labels = read_text_file(work / "data" / "adapt" / "utt2domain")
+    assert set(labels.values()) == {*DOMAINS, "-"}
+    ids = read_text_file(work / "data" / "adapt" / "utt2domain_id")
+    assert all(ids[utt] == str(DOMAINS.index(name) if name != "-" else -1) for utt, name in labels.items())
 
 
 def epoch_results(log: str, part: str) -> list[dict[str, float]]:
@@ -171,7 +194,7 @@ def test_plugin_inference_decodes_every_utterance(work: Path, hdmole: tuple[Path
 def test_fixed_domain_export_decodes_with_stock_espnet(
     work: Path, hdmole: tuple[Path, str], pretrained: Path
 ) -> None:
-    export_dir = export_merged(work, hdmole[0], "export1", "--peft_domain", "1")
+    export_dir = export_merged(work, hdmole[0], "export1", "--peft_domain", "shifted")
     exported = torch.load(export_dir / "model.pth", map_location="cpu")
     base = torch.load(pretrained, map_location="cpu")
     assert exported.keys() == base.keys()
@@ -188,3 +211,34 @@ def test_fixed_domain_export_decodes_with_stock_espnet(
     )
     assert hypotheses.keys() == read_text_file(data / "text").keys()
     assert all(set(text) <= set(CHARACTERS) for text in hypotheses.values())
+
+
+def test_distributed_training_with_two_processes_reads_integer_ids(work: Path, pretrained: Path) -> None:
+    """Two gloo processes, two_stage routing, utt2domain_id as text_int: the stats ESPnet averages
+    over the ranks include the HDMoLE ones, and DDP runs without --unused_parameters."""
+    config = yaml.safe_load((REPO / "conf" / "tiny" / "finetune_ssvd_o.yaml").read_text())
+    config.update(HDMOLE_BLOCK)
+    config["peft_conf"] = {**HDMOLE_BLOCK["peft_conf"], "combination": "two_stage"}
+    config["peft_hdmole"] = {
+        key: value for key, value in HDMOLE_BLOCK["peft_hdmole"].items() if key != "domains"
+    }
+    (work / "hdmole_ddp.yaml").write_text(yaml.safe_dump(config))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exp = work / "exp" / "hdmole_ddp"
+    args = ["--nproc_per_node", "2", "--master_port", str(port), "-m", "espnet_plugins.bin.asr_train"]
+    args += ["--config", str(work / "hdmole_ddp.yaml"), "--peft_pretrained", str(pretrained)]
+    args += ["--output_dir", str(exp), "--ngpu", "0", "--dist_backend", "gloo", "--max_epoch", "2"]
+    args += ["--batch_size", "4"]
+    for prefix, data in (("train", work / "data" / "adapt"), ("valid", work / "data" / "heldout")):
+        args += data_args(prefix, data) + domain_id_args(prefix, data)
+    log = run_module("torch.distributed.run", args, work, work / "hdmole_ddp.log")
+    assert re.search(r":0/2\] .* 2epoch results", log)
+    train, valid = epoch_results(log, "train"), epoch_results(log, "valid")
+    assert len(train) == len(valid) == 2
+    assert all("hdmole_domain" in epoch and "hdmole_balance" in epoch for epoch in train)
+    assert train[1]["loss"] < train[0]["loss"] and train[1]["hdmole_domain"] < train[0]["hdmole_domain"]
+    assert 0.0 <= valid[-1]["hdmole_domain_accuracy"] <= 1.0
+    state = torch.load(exp / "2epoch.pth", map_location="cpu")
+    assert state["peft_adapters.default.proj.weight"].shape == (2, 64)

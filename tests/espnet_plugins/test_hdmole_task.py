@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from espnet2.torch_utils.recursive_op import recursive_average
 from espnet_runs import TINY_CONFIG
 from tiny_corpus import TOKENS
 
@@ -71,7 +72,7 @@ def test_the_training_loss_adds_the_weighted_auxiliary_losses_and_logs_them(mode
     asr = stats["loss_att"] * 0.7 + stats["loss_ctc"] * 0.3
     torch.testing.assert_close(loss, asr + 0.5 * aux["domain"] + 0.1 * aux["balance"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats["loss"], loss.detach())
-    torch.testing.assert_close(stats["hdmole_domain"], aux["domain"].detach())
+    torch.testing.assert_close(stats["hdmole_domain"], aux["domain"].detach().reshape(1))
     assert "hdmole_domain_accuracy" not in stats
     loss.backward()
     assert domain_router(model).proj.weight.grad.abs().sum() > 0
@@ -95,6 +96,33 @@ def test_validation_reports_routing_statistics_and_sums_them_per_layer(model) ->
     means = model.hdmole_layer_statistics.means()
     assert means["domain_accuracy"] == pytest.approx(0.5)
     assert "encoder.encoders.1.feed_forward.w_1.active_experts" in means
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_every_statistic_has_the_shape_of_the_weight_so_ranks_can_average_it(model, training) -> None:
+    model.train(training)
+    with torch.set_grad_enabled(training):
+        _, stats, weight = model(**batch([0, 1]))
+    stats = {key: value for key, value in stats.items() if value is not None}
+    assert {key: value.shape for key, value in stats.items()} == dict.fromkeys(stats, weight.shape)
+    averaged, _ = recursive_average(stats, weight)
+    torch.testing.assert_close(averaged["hdmole_balance"], stats["hdmole_balance"][0])
+
+
+def test_without_labels_every_trainable_parameter_is_in_the_graph_of_two_stage_routing(
+    tmp_path: Path,
+) -> None:
+    two_stage = [*BLOCK]
+    two_stage[3] = "{target_modules: [linear_q, w_1], num_domains: 2, rank: 2, combination: two_stage}"
+    model = build(tmp_path, *two_stage)
+    model.train()
+    loss, stats, _ = model(**batch(None))
+    asr = stats["loss_att"] * 0.7 + stats["loss_ctc"] * 0.3
+    torch.testing.assert_close(loss, asr + 0.1 * stats["hdmole_balance"], rtol=1e-5, atol=1e-5)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert domain_router(model).proj.weight.grad.abs().sum() == 0
 
 
 def test_the_router_is_an_adapter_entry_and_loads_back(model, tmp_path: Path) -> None:

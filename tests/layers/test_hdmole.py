@@ -114,20 +114,49 @@ def test_dense_stacked_compute_equals_the_formula_per_token_and_expert():
     torch.testing.assert_close(wrapper(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_mix_and_two_stage_combinations_follow_their_formulas():
+def test_the_combinations_follow_their_formulas():
     expert_domain = torch.tensor(EXPERT_DOMAINS)
-    p = torch.softmax(torch.randn(3, 4), dim=-1)
+    logits = torch.randn(3, 4)
+    p = torch.softmax(logits, dim=-1)
     g = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]])
     gate = torch.stack([g[:, 0], g[:, 0], g[:, 1], torch.ones(3)], dim=-1)
 
-    mixed = combine_routes(p, g, expert_domain, "mix", mix_beta=0.25)
+    mixed = combine_routes(logits, g.log(), expert_domain, "mix", mix_beta=0.25)
     torch.testing.assert_close(mixed, 0.25 * gate / gate.sum(-1, keepdim=True) + 0.75 * p)
 
-    grouped = combine_routes(p[:2], g[:2], expert_domain, "two_stage")
+    product = combine_routes(logits, g.log(), expert_domain, "product")
+    torch.testing.assert_close(product, p * gate / (p * gate).sum(-1, keepdim=True))
+
+    grouped = combine_routes(logits[:2], g[:2].log(), expert_domain, "two_stage")
     group = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # top-1 domain 0, then 1
     torch.testing.assert_close(grouped, p[:2] * group / (p[:2] * group).sum(-1, keepdim=True))
-    tied = combine_routes(p[2:], g[2:], expert_domain, "two_stage")  # g = (1/2, 1/2): both groups
+    tied = combine_routes(logits[2:], g[2:].log(), expert_domain, "two_stage")  # g = (1/2, 1/2): both
     torch.testing.assert_close(tied, p[2:])
+
+
+@pytest.mark.parametrize("gap", [95.0, 120.0])
+@pytest.mark.parametrize(
+    ("combination", "expected"),
+    [("two_stage", [1 / 3, 1 / 3, 0.0, 1 / 3]), ("product", [0.25, 0.25, 0.25, 0.25])],
+)
+def test_routing_and_its_gradients_stay_finite_when_the_routers_disagree_by_far(gap, combination, expected):
+    """The local router favours expert 2 (domain 1) by ``gap`` and the domain router domain 0 by
+    ``gap``: p of G_0 and g_1 are exp(-gap), which float32 rounds to 0 or a denormal. Exactly,
+    q = softmax(l + log gate): 1/3 on G_0 for two_stage, and uniform for product (the two
+    gaps cancel); tau = 1/8 then passes all of them with equal weights."""
+    _, wrapper, adapter = hdmole_layer(combination=combination, init_weights=False)
+    with torch.no_grad():
+        adapter.router.weight.zero_()
+        adapter.router.bias.copy_(torch.tensor([0.0, 0.0, gap, 0.0]))
+    domain_logits = torch.tensor([[gap, 0.0]], requires_grad=True)
+    adapter.context.set(domain_logits.softmax(dim=-1), domain_logits)
+    x = torch.randn(1, 3, 8)
+    torch.testing.assert_close(adapter.route(x), torch.tensor(expected).expand(1, 3, 4))
+    output = wrapper(x)
+    assert torch.isfinite(output).all()
+    output.square().sum().backward()
+    for name, parameter in [*adapter.named_parameters(), ("domain_logits", domain_logits)]:
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
 
 
 def test_the_threshold_sets_how_many_experts_each_token_uses():
