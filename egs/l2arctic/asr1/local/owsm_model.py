@@ -1,0 +1,1 @@
+../../../myst/asr1/local/owsm_model.py

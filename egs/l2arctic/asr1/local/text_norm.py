@@ -1,0 +1,1 @@
+../../../myst/asr1/local/text_norm.py

@@ -1,0 +1,1 @@
+../../myst/asr1/s2t_peft.sh

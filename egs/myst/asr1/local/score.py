@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Stage 5: word error rate of the base model and of every fine-tuned model; one table.
+
+    WER = (S + D + I) / N, summed over the utterances of a test set (word-level Levenshtein)
+
+References are the data dir's ``text.ctc`` (``text`` without its special tokens when there is no
+``text.ctc``); hypotheses are ``<exp>/decode/<name>/<set>/text``. Both go through text_norm.py,
+so case, punctuation and number format never count. A test set whose ``utt2domain`` holds more
+than one domain (L2-ARCTIC: the speakers' first languages) also gets one WER per domain. With a
+set named ``source`` (speech of the kind the base model was trained on), ``forgetting`` is the
+source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.txt``
+of each run. Writes ``<exp>/results.md`` and ``<exp>/results.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+from text_norm import normalize_words
+
+BASE = "base"
+SOURCE = "source"
+SPECIAL_TOKEN = re.compile(r"<[^<>\s]*>")
+TRAINABLE_LINE = re.compile(r"trainable in all: ([\d,]+) of")
+
+
+class ScoreError(Exception):
+    """Missing inputs; the message names the file and the stage that writes it."""
+
+
+def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
+    """Substitutions + deletions + insertions of the best alignment."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, start=1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+def read_text(path: Path) -> dict[str, str]:
+    rows = (line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
+
+
+def references(data_dir: Path) -> dict[str, str]:
+    ctc = data_dir / "text.ctc"
+    texts = read_text(ctc if ctc.is_file() else data_dir / "text")
+    return {utt: normalize_words(SPECIAL_TOKEN.sub(" ", text)) for utt, text in texts.items()}
+
+
+def word_errors(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> tuple[int, int]:
+    """(errors, reference words) over ``utts``; a missing hypothesis counts as empty."""
+    errors = words = 0
+    for utt in utts:
+        reference = refs[utt].split()
+        errors += edit_distance(reference, normalize_words(hyps.get(utt, "")).split())
+        words += len(reference)
+    return errors, words
+
+
+def percent(errors: int, words: int) -> float:
+    return round(100.0 * errors / max(words, 1), 2)
+
+
+def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
+    """Utterances per domain, when the set has more than one domain; else empty."""
+    path = data_dir / "utt2domain"
+    if not path.is_file():
+        return {}
+    domain = read_text(path)
+    groups: dict[str, list[str]] = {}
+    for utt in utts:
+        groups.setdefault(domain.get(utt, "?"), []).append(utt)
+    return dict(sorted(groups.items())) if len(groups) > 1 else {}
+
+
+def trainable_parameters(run_dir: Path) -> str:
+    budget = run_dir / "peft_budget.txt"
+    match = TRAINABLE_LINE.search(budget.read_text()) if budget.is_file() else None
+    return match.group(1) if match else "?"
+
+
+def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for name in names:
+        trainable = "0" if name == BASE else trainable_parameters(exp / name)
+        row: dict[str, object] = {"model": name, "trainable": trainable}
+        for set_name, data_dir in sets.items():
+            refs = references(data_dir)
+            hyp_file = exp / "decode" / name / set_name / "text"
+            if not hyp_file.is_file():
+                raise ScoreError(f"no hypotheses {hyp_file}: run the decoding stage for {name}")
+            hyps = read_text(hyp_file)
+            missing = len(set(refs) - set(hyps))
+            if missing:
+                print(f"score.py: warning: {hyp_file} lacks {missing} utterances (empty)", file=sys.stderr)
+            utts = sorted(refs)
+            row[f"{set_name} WER"] = percent(*word_errors(refs, hyps, utts))
+            for domain, domain_utts in domains_of(data_dir, utts).items():
+                row[f"{set_name} {domain}"] = percent(*word_errors(refs, hyps, domain_utts))
+        rows.append(row)
+    base = next((row for row in rows if row["model"] == BASE), None)
+    if SOURCE in sets and base is not None:
+        for row in rows:
+            row["forgetting"] = round(float(row[f"{SOURCE} WER"]) - float(base[f"{SOURCE} WER"]), 2)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse_sets(text: str) -> dict[str, Path]:
+    sets = {}
+    for item in text.split():
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_dir():
+            raise ScoreError(f"--sets wants name=data_dir pairs of existing dirs, got {item!r}")
+        sets[name] = Path(path)
+    return sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--exp", type=Path, required=True, help="dir with decode/<name>/<set>/text")
+    parser.add_argument("--sets", required=True, help="name=data_dir pairs, e.g. 'test=data/test'")
+    parser.add_argument("--names", required=True, help="decoded models: base and the methods")
+    args = parser.parse_args(argv)
+    try:
+        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split())
+    except ScoreError as error:
+        print(f"score.py: error: {error}", file=sys.stderr)
+        return 1
+    (args.exp / "results.md").write_text(markdown(rows), encoding="utf-8")
+    with (args.exp / "results.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(markdown(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Word-level text normalisation shared by references and hypotheses.
+
+    "X-ray's 2nd test, 3.5 cm & more!"  ->  "X RAY'S SECOND TEST THREE POINT FIVE CM AND MORE"
+
+Rules, in order: curly quotes become straight ones; ``&`` becomes AND; hyphens, slashes and
+underscores between words become spaces; numbers are spelled out (integers as cardinals; 1st 2nd
+3rd 4th as ordinals; 1,000 as one number; a decimal point as POINT followed by each digit; % as
+PERCENT); every character other than a letter, a digit or an apostrophe inside a word is removed;
+upper case; single spaces.
+The reference transcripts (after the corpus's own markup is removed) and the recognizer's output go
+through the same function, so punctuation, case and number format never count as errors.
+"""
+
+from __future__ import annotations
+
+import re
+
+ONES = (
+    "ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE", "TEN", "ELEVEN",
+    "TWELVE", "THIRTEEN", "FOURTEEN", "FIFTEEN", "SIXTEEN", "SEVENTEEN", "EIGHTEEN", "NINETEEN",
+)  # fmt: skip
+TENS = ("", "", "TWENTY", "THIRTY", "FORTY", "FIFTY", "SIXTY", "SEVENTY", "EIGHTY", "NINETY")
+SCALES = ((10**9, "BILLION"), (10**6, "MILLION"), (1000, "THOUSAND"), (100, "HUNDRED"))
+ORDINALS = {
+    "ONE": "FIRST", "TWO": "SECOND", "THREE": "THIRD", "FIVE": "FIFTH", "EIGHT": "EIGHTH",
+    "NINE": "NINTH", "TWELVE": "TWELFTH",
+}  # fmt: skip
+
+THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")
+NUMBER = re.compile(r"(\d+)(?:\.(\d+)|(st|nd|rd|th)\b)?", re.IGNORECASE)
+JOINERS = re.compile(r"(?<=\w)[-/_~]+(?=\w)")
+NOT_WORD = re.compile(r"[^A-Z0-9' ]+")
+EDGE_APOSTROPHES = re.compile(r"(?<![A-Z0-9])'+|'+(?![A-Z0-9])")
+
+
+def cardinal(number: int) -> str:
+    """English words of a non-negative integer: 1908 -> ONE THOUSAND NINE HUNDRED EIGHT."""
+    if number < 20:
+        return ONES[number]
+    if number < 100:
+        tens, ones = divmod(number, 10)
+        return TENS[tens] + ("" if ones == 0 else " " + ONES[ones])
+    for scale, name in SCALES:
+        if number >= scale:
+            high, rest = divmod(number, scale)
+            return f"{cardinal(high)} {name}" + ("" if rest == 0 else " " + cardinal(rest))
+    raise AssertionError(number)
+
+
+def ordinal(number: int) -> str:
+    """FIRST, SECOND, ..., TWENTY FIRST, ONE HUNDREDTH."""
+    words = cardinal(number).split()
+    last = words[-1]
+    if last in ORDINALS:
+        words[-1] = ORDINALS[last]
+    elif last.endswith("Y"):
+        words[-1] = last[:-1] + "IETH"
+    else:
+        words[-1] = last + "TH"
+    return " ".join(words)
+
+
+def spell_number(match: re.Match[str]) -> str:
+    digits, decimals, suffix = match.groups()
+    if suffix:
+        return f" {ordinal(int(digits))} "
+    words = cardinal(int(digits))
+    if decimals:
+        words += " POINT " + " ".join(ONES[int(d)] for d in decimals)
+    return f" {words} "
+
+
+def normalize_words(text: str) -> str:
+    """Upper-case words without punctuation, numbers spelled out (see the module docstring)."""
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u00a0", " ")
+    text = text.replace("&", " and ").replace("%", " percent ")
+    text = THOUSANDS_COMMA.sub("", text)
+    text = JOINERS.sub(" ", text)
+    text = NUMBER.sub(spell_number, text)
+    text = NOT_WORD.sub(" ", text.upper())
+    text = EDGE_APOSTROPHES.sub(" ", text)
+    return " ".join(text.split())

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Parameter-efficient fine-tuning of a pretrained OWSM model on one corpus, one run per PEFT method.
+# Shared by the recipes egs/myst/asr1 and egs/l2arctic/asr1; each one's run.sh names its data sets.
+#   stage 1  data prep   the corpus -> ${data}/<set>/ (Kaldi-style, OWSM text prefix)    local/data_prep.py
+#   stage 2  OWSM model  its config with absolute paths, token list, model link -> ${exp}/owsm/
+#   stage 3  fine-tune   each method on ${train_set}, ${valid_set} validates          -> ${exp}/<method>/
+#   stage 4  decode      the base model (zero-shot) and each method on ${test_sets} (and --source_test)
+#                        -> ${exp}/decode/<base|method>/<set>/text
+#   stage 5  score       WER per model and test set (per domain; forgetting on source) -> ${exp}/results.{md,csv}
+# Nothing is downloaded: --owsm_dir is a local copy of the pretrained model (e.g. espnet/owsm_v3.1_ebf).
+set -euo pipefail
+
+stage=1
+stop_stage=5
+corpus_dir=""        # stage 1: the corpus root
+owsm_dir=""          # stage 2: the downloaded OWSM model directory
+model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf or owsm_v3.1_ebf_base
+methods="lora dora pissa ssvd ssvd_o"   # conf/peft/<method>.yaml each
+ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1)
+inference_ngpu=1     # GPUs per decoding job
+inference_nj=1       # decoding jobs per model and test set, run at once
+source_test=""       # optional Kaldi-style dir (wav.scp, text or text.ctc) of the base model's own domain
+train_set=""
+valid_set=""
+test_sets=""
+local_data_opts=""   # extra options of local/data_prep.py
+train_args=""        # extra options of espnet_plugins.bin.s2t_train, e.g. "--max_epoch 5"
+inference_args=""    # extra options of the s2t_inference programs
+data=data
+exp=""               # default exp/${model}
+python=""            # default: the project's .venv (path.sh)
+
+log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
+die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
+usage() {
+    cat <<EOF
+usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
+          [--methods "lora dora pissa ssvd ssvd_o"] [--ngpu N] [--inference_ngpu N] [--inference_nj N]
+          [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
+          [--data D] [--exp E] [--python P]
+EOF
+}
+
+while [ $# -gt 0 ]; do
+    name=${1#--}
+    if [ "$1" = --help ] || [ "$1" = -h ]; then usage; exit 0; fi
+    if [ "${name}" = "$1" ] || [ $# -lt 2 ] || ! declare -p "${name}" >/dev/null 2>&1 \
+        || [ "${name}" = name ]; then
+        echo "$(basename "$0"): error: unknown option or missing value: $1" >&2
+        usage >&2
+        exit 1
+    fi
+    printf -v "${name}" '%s' "$2"
+    shift 2
+done
+
+cd "$(dirname "$0")"
+. ./path.sh
+exp=${exp:-exp/${model}}
+owsm=${exp}/owsm
+[ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
+    || die "--train_set, --valid_set and --test_sets are set by the recipe's run.sh"
+[ -f "conf/tuning/${model}.yaml" ] || die "no training options conf/tuning/${model}.yaml for --model ${model}"
+for method in ${methods}; do
+    [ -f "conf/peft/${method}.yaml" ] || die "no peft block conf/peft/${method}.yaml for method ${method}"
+done
+
+# s2t_data_args PREFIX DATA_DIR: ESPnet's S2T inputs (speech, target, prompt, CTC target) and shape file.
+s2t_data_args() {
+    echo "--$1_data_path_and_name_and_type $2/wav.scp,speech,sound" \
+        "--$1_data_path_and_name_and_type $2/text,text,text" \
+        "--$1_data_path_and_name_and_type $2/text.prev,text_prev,text" \
+        "--$1_data_path_and_name_and_type $2/text.ctc,text_ctc,text" \
+        "--$1_shape_file $2/speech_shape"
+}
+
+# run_logged LOG COMMAND...: COMMAND with its output in LOG; on failure, the end of LOG.
+run_logged() {
+    local log_file=$1
+    shift
+    mkdir -p "$(dirname "${log_file}")"
+    "$@" > "${log_file}" 2>&1 || { tail -n 30 "${log_file}" >&2; die "failed, see ${log_file}"; }
+}
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+    [ -n "${corpus_dir}" ] || die "stage 1 needs --corpus_dir (the corpus root; see README.md)"
+    log "Stage 1: data dirs of ${corpus_dir} -> ${data}"
+    ${python} local/data_prep.py --corpus_dir "${corpus_dir}" --data_dir "${data}" ${local_data_opts}
+fi
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+    [ -n "${owsm_dir}" ] || die "stage 2 needs --owsm_dir (the downloaded OWSM model directory)"
+    log "Stage 2: OWSM model ${owsm_dir} -> ${owsm}"
+    ${python} local/owsm_model.py --owsm_dir "${owsm_dir}" --out_dir "${owsm}"
+fi
+
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 3 ]; then
+    [ -e "${owsm}/model.pth" ] || die "no ${owsm}/model.pth: run stage 2 with --owsm_dir first"
+fi
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+    distributed=""
+    [ "${ngpu}" -le 1 ] || distributed="--multiprocessing_distributed true"
+    for method in ${methods}; do
+        dir=${exp}/${method}
+        if [ -e "${dir}/valid.acc.ave.pth" ]; then
+            log "Stage 3: ${method} done (${dir}/valid.acc.ave.pth), skipped"
+            continue
+        fi
+        ${python} local/finetune_config.py --tuning "conf/tuning/${model}.yaml" \
+            --peft "conf/peft/${method}.yaml" --out "${exp}/conf/${method}.yaml"
+        log "Stage 3: fine-tune ${method} on ${data}/${train_set} -> ${dir} (log ${dir}/train.log)"
+        run_logged "${dir}/train.log" ${python} -m espnet_plugins.bin.s2t_train \
+            --config "${exp}/conf/${method}.yaml" --peft_pretrained "${owsm}/model.pth" \
+            --output_dir "${dir}" --ngpu "${ngpu}" ${distributed} --resume true \
+            $(s2t_data_args train "${data}/${train_set}") $(s2t_data_args valid "${data}/${valid_set}") \
+            ${train_args}
+    done
+fi
+
+set_names=${test_sets}
+declare -A test_dirs=()
+for set in ${test_sets}; do test_dirs[${set}]=${data}/${set}; done
+if [ -n "${source_test}" ]; then
+    set_names+=" source"
+    test_dirs[source]=${source_test}
+fi
+
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+    # decode NAME MODULE CONFIG MODEL: every test set, ${inference_nj} jobs each -> decode/NAME/<set>/text
+    decode() {
+        local name=$1 module=$2 config=$3 model_file=$4 set out keys job nj extra=""
+        [ "${module}" = espnet2.bin.s2t_inference ] || extra="--peft_merge true"
+        for set in ${set_names}; do
+            out=${exp}/decode/${name}/${set}
+            if [ -f "${out}/text" ] && [ "${out}/text" -nt "${model_file}" ]; then
+                log "Stage 4: ${name} on ${set} decoded, skipped"
+                continue
+            fi
+            [ -f "${test_dirs[${set}]}/wav.scp" ] || die "no ${test_dirs[${set}]}/wav.scp to decode"
+            log "Stage 4: decode ${set} with ${name} -> ${out}/text"
+            rm -rf "${out}"
+            mkdir -p "${out}/split"
+            nj=$(wc -l < "${test_dirs[${set}]}/wav.scp")
+            [ "${nj}" -le "${inference_nj}" ] || nj=${inference_nj}
+            cut -d' ' -f1 "${test_dirs[${set}]}/wav.scp" | split -n "r/${nj}" -d -a 3 - "${out}/split/keys."
+            for keys in "${out}"/split/keys.*; do
+                job=${keys##*.}
+                run_logged "${out}/split/${job}/decode.log" ${python} -m "${module}" --config conf/decode.yaml \
+                    --s2t_train_config "${config}" --s2t_model_file "${model_file}" \
+                    --data_path_and_name_and_type "${test_dirs[${set}]}/wav.scp,speech,sound" \
+                    --key_file "${keys}" --output_dir "${out}/split/${job}" --ngpu "${inference_ngpu}" \
+                    ${extra} ${inference_args} &
+            done
+            wait_all || die "decoding ${set} with ${name} failed"
+            cat "${out}"/split/*/1best_recog/text_nospecial | LC_ALL=C sort > "${out}/text"
+        done
+    }
+    wait_all() {
+        local pid failed=0
+        for pid in $(jobs -p); do wait "${pid}" || failed=1; done
+        return ${failed}
+    }
+    decode base espnet2.bin.s2t_inference "${owsm}/config.yaml" "${owsm}/model.pth"
+    for method in ${methods}; do
+        [ -e "${exp}/${method}/valid.acc.ave.pth" ] || die "no ${exp}/${method}/valid.acc.ave.pth: run stage 3"
+        decode "${method}" espnet_plugins.bin.s2t_inference "${exp}/${method}/config.yaml" \
+            "${exp}/${method}/valid.acc.ave.pth"
+    done
+fi
+
+if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
+    sets=""
+    for set in ${set_names}; do sets+="${set}=${test_dirs[${set}]} "; done
+    log "Stage 5: WER -> ${exp}/results.md, ${exp}/results.csv"
+    ${python} local/score.py --exp "${exp}" --sets "${sets}" --names "base ${methods}"
+fi
+
+log "Successfully finished stages ${stage}-${stop_stage}"

@@ -1,0 +1,418 @@
+"""Stages 2-5 of egs/myst/asr1 and egs/l2arctic/asr1 (s2t_peft.sh) without OWSM's weights.
+
+A tiny OWSM-shaped model stands in for OWSM v3.1: ESPnet's S2T task with an E-Branchformer
+encoder and a Transformer decoder, global_mvn statistics, OWSM's special tokens, packed like a
+downloaded model (meta.yaml, exp/<run>/config.yaml with paths relative to the model directory or
+written on another machine). Stage 2 must make it usable from anywhere; every recipe's training
+options must combine with every peft block into a config that ESPnet parses and whose adapters
+cover every linear layer of the encoder and decoder; scoring must count words the recipe's way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+from espnet2.tasks.s2t import S2TTask
+
+from espnet_plugins.tasks.s2t import PeftS2TTask
+from ssvd_peft.inject import iter_adapter_layers
+
+EGS = Path(__file__).resolve().parents[2] / "egs"
+RECIPES = ("myst", "l2arctic")
+MODELS = ("owsm_v3.1_ebf", "owsm_v3.1_ebf_base")
+METHODS = ("lora", "dora", "pissa", "ssvd", "ssvd_o")
+SPECIAL = ["<na>", "<nolang>", "<eng>", "<asr>", "<notimestamps>", "<0.00>", "<30.00>", "<sop>"]
+TOKENS = ["<blank>", "<unk>", *SPECIAL, *"ABCDEFGHIJKLMNOPQRSTUVWXYZ'", "<space>", "<sos>", "<eos>"]
+N_MELS = 20
+MODEL = {
+    "token_type": "char",
+    "frontend_conf": {"fs": 16000, "n_fft": 512, "win_length": 400, "hop_length": 160, "n_mels": N_MELS},
+    "normalize": "global_mvn",
+    "encoder": "e_branchformer",
+    "encoder_conf": {
+        "output_size": 32, "attention_heads": 2, "attention_layer_type": "selfattn",
+        "pos_enc_layer_type": "abs_pos", "rel_pos_type": "latest", "cgmlp_linear_units": 64,
+        "cgmlp_conv_kernel": 3, "use_linear_after_conv": False, "gate_activation": "identity",
+        "num_blocks": 2, "input_layer": "conv2d", "linear_units": 64, "positionwise_layer_type": "linear",
+        "use_ffn": True, "macaron_ffn": True, "merge_conv_kernel": 3,
+    },
+    "decoder": "transformer",
+    "decoder_conf": {"attention_heads": 2, "linear_units": 64, "num_blocks": 2},
+    "model_conf": {"ctc_weight": 0.3, "sym_na": "<na>"},
+    "preprocessor_conf": {
+        "text_prev_name": "text_prev", "text_ctc_name": "text_ctc", "fs": 16000, "na_symbol": "<na>",
+        "speech_length": 30, "speech_resolution": 0.02, "speech_init_silence": 30,
+        "text_prev_apply_prob": 0.5, "time_apply_prob": 0.5, "notime_symbol": "<notimestamps>",
+        "first_time_symbol": "<0.00>", "last_time_symbol": "<30.00>",
+    },
+}  # fmt: skip
+STATS = "exp/s2t_stats_raw_char/train/feats_stats.npz"
+NLSYMS = "data/nlsyms.txt"
+RUN = "exp/s2t_train_tiny"
+
+
+def load_local(recipe: str, name: str) -> ModuleType:
+    """A recipe's local/<name>.py as a module of its own (recipes share module names)."""
+    path = EGS / recipe / "asr1" / "local" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{recipe}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def run(command: list[str], env_threads: bool = False) -> subprocess.CompletedProcess[str]:
+    """``command``'s result; with env_threads, its torch runs on one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if env_threads else None
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def owsm_model(owsm_dir: Path, out_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    script = EGS / "myst" / "asr1" / "local" / "owsm_model.py"
+    return run(
+        [sys.executable, str(script), "--owsm_dir", str(owsm_dir), "--out_dir", str(out_dir), *options]
+    )
+
+
+@pytest.fixture(scope="module")
+def owsm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A downloaded-model directory: meta.yaml, config.yaml (relative and foreign paths), weights."""
+    root = tmp_path_factory.mktemp("owsm_tiny")
+    (root / "data").mkdir()
+    (root / NLSYMS).write_text("\n".join(SPECIAL) + "\n")
+    (root / STATS).parent.mkdir(parents=True)
+    np.savez(root / STATS, count=np.array(1000.0), sum=np.zeros(N_MELS), sum_square=1000.0 * np.ones(N_MELS))
+    files = {
+        "normalize_conf": {"stats_file": str(root / STATS)},
+        "non_linguistic_symbols": str(root / NLSYMS),
+    }
+    (root / RUN).mkdir(parents=True)
+    (root / "in.yaml").write_text(yaml.safe_dump({**MODEL, **files, "token_list": TOKENS, "output_dir": RUN}))
+    args = S2TTask.get_parser().parse_args(["--config", str(root / "in.yaml")])
+    S2TTask.check_required_command_args(args)
+    torch.manual_seed(0)
+    torch.save(
+        S2TTask.build_model(args).state_dict(), root / RUN / "valid.total_count.ave_5best.till45epoch.pth"
+    )
+    config = vars(args)
+    config["normalize_conf"]["stats_file"] = STATS
+    config["non_linguistic_symbols"] = f"/home/someone/owsm_v3.1/{NLSYMS}"
+    (root / RUN / "config.yaml").write_text(yaml.safe_dump(config))
+    meta = {
+        "yaml_files": {"s2t_train_config": f"{RUN}/config.yaml"},
+        "files": {"s2t_model_file": f"{RUN}/valid.total_count.ave_5best.till45epoch.pth"},
+    }
+    (root / "meta.yaml").write_text(yaml.safe_dump(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared_owsm(owsm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exp") / "owsm"
+    result = owsm_model(owsm_dir, out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_stage_2_resolves_the_model_files_and_writes_the_token_list(
+    owsm_dir: Path, prepared_owsm: Path
+) -> None:
+    config = yaml.safe_load((prepared_owsm / "config.yaml").read_text())
+    assert config["normalize_conf"]["stats_file"] == str((owsm_dir / STATS).resolve())
+    assert config["non_linguistic_symbols"] == str((owsm_dir / NLSYMS).resolve())
+    assert config["token_list"] == TOKENS
+    assert (prepared_owsm / "tokens.txt").read_text().split("\n")[:-1] == TOKENS
+    assert (prepared_owsm / "model.pth").resolve() == (
+        owsm_dir / RUN / "valid.total_count.ave_5best.till45epoch.pth"
+    )
+
+
+def test_stage_2_names_a_token_the_model_lacks(owsm_dir: Path, tmp_path: Path) -> None:
+    result = owsm_model(owsm_dir, tmp_path / "out", "--lang_sym", "<deu>")
+    assert result.returncode == 1
+    assert "lacks ['<deu>']" in result.stderr and "<eng>" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_2_without_meta_yaml_needs_exactly_one_model(owsm_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "owsm"
+    for name in (f"{RUN}/config.yaml", f"{RUN}/valid.total_count.ave_5best.till45epoch.pth", STATS, NLSYMS):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((owsm_dir / name).read_bytes())
+    assert owsm_model(copy, tmp_path / "one").returncode == 0
+    (copy / "exp" / "other").mkdir()
+    (copy / "exp" / "other" / "config.yaml").write_text("{}")
+    (copy / "exp" / "other" / "model.pth").write_bytes(b"")
+    result = owsm_model(copy, tmp_path / "two")
+    assert result.returncode == 1
+    assert "not exactly one config.yaml with one .pth file next to it" in result.stderr
+
+
+def test_stage_2_names_a_missing_statistics_file(owsm_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "owsm"
+    for name in ("meta.yaml", f"{RUN}/config.yaml", f"{RUN}/valid.total_count.ave_5best.till45epoch.pth"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((owsm_dir / name).read_bytes())
+    result = owsm_model(copy, tmp_path / "out")
+    assert result.returncode == 1
+    assert f"normalize_conf.stats_file {STATS!r}" in result.stderr and "not found" in result.stderr
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_training_options_combine_with_every_peft_block(recipe: str, model: str) -> None:
+    finetune_config = load_local(recipe, "finetune_config")
+    conf = EGS / recipe / "asr1" / "conf"
+    tuning = finetune_config.load_mapping(conf / "tuning" / f"{model}.yaml")
+    for method in METHODS:
+        peft = finetune_config.load_mapping(conf / "peft" / f"{method}.yaml")
+        config = finetune_config.combined(tuning, peft, conf / "tuning", conf / "peft")
+        assert config["peft"] == method
+        assert config["optim"] == "adamw" and config["optim_conf"]["lr"] == 1e-4
+        assert config["scheduler"] == "warmuplr" and config["scheduler_conf"] == {"warmup_steps": 1500}
+        assert config["batch_size"] * config["accum_grad"] == 32
+        assert config["preprocessor_conf"]["time_apply_prob"] == 1.0
+        assert config["preprocessor_conf"]["text_prev_apply_prob"] == 0.0
+
+
+def test_peft_blocks_hold_the_stated_ranks_and_ratios() -> None:
+    blocks = {
+        m: yaml.safe_load((EGS / "myst" / "asr1" / "conf" / "peft" / f"{m}.yaml").read_text())
+        for m in METHODS
+    }
+    assert {m: (b["peft_conf"].get("rank"), b["peft_conf"].get("alpha")) for m, b in blocks.items()} == {
+        "lora": (32, 64), "dora": (32, 64), "pissa": (32, 32), "ssvd": (None, None), "ssvd_o": (None, None),
+    }  # fmt: skip
+    assert blocks["ssvd"]["peft_conf"]["k_ratio"] == blocks["ssvd_o"]["peft_conf"]["k_ratio"] == 0.4
+    targets = {tuple(b["peft_conf"]["target_modules"]) for b in blocks.values()}
+    assert len(targets) == 1
+    l2arctic = EGS / "l2arctic" / "asr1" / "conf" / "peft"
+    assert all(
+        (l2arctic / f"{m}.yaml").read_text()
+        == (EGS / "myst" / "asr1" / "conf" / "peft" / f"{m}.yaml").read_text()
+        for m in METHODS
+    )
+
+
+def test_a_peft_file_with_training_options_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "peft.yaml").write_text(
+        yaml.safe_dump({"peft": "lora", "peft_conf": {"target_modules": ["w_1"]}, "max_epoch": 3})
+    )
+    tuning = EGS / "myst" / "asr1" / "conf" / "tuning" / "owsm_v3.1_ebf.yaml"
+    script = EGS / "myst" / "asr1" / "local" / "finetune_config.py"
+    result = run(
+        [
+            sys.executable,
+            str(script),
+            "--tuning",
+            str(tuning),
+            "--peft",
+            str(tmp_path / "peft.yaml"),
+            "--out",
+            str(tmp_path / "out.yaml"),
+        ]
+    )
+    assert result.returncode == 1
+    assert "must hold the peft block only" in result.stderr and "['max_epoch']" in result.stderr
+    (tmp_path / "peft.yaml").write_text(
+        yaml.safe_dump({"peft": "lora", "peft_conf": {"target_modules": ["w_1"], "rank": 0}})
+    )
+    result = run(
+        [
+            sys.executable,
+            str(script),
+            "--tuning",
+            str(tuning),
+            "--peft",
+            str(tmp_path / "peft.yaml"),
+            "--out",
+            str(tmp_path / "out.yaml"),
+        ]
+    )
+    assert result.returncode == 1
+    assert "rank must be a positive integer" in result.stderr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_peft_block_adapts_every_linear_layer_of_encoder_and_decoder(
+    method: str, prepared_owsm: Path, tmp_path: Path
+) -> None:
+    torch.set_num_threads(1)
+    finetune_config = load_local("myst", "finetune_config")
+    conf = EGS / "myst" / "asr1" / "conf"
+    tuning = finetune_config.load_mapping(conf / "tuning" / "owsm_v3.1_ebf_base.yaml")
+    peft = finetune_config.load_mapping(conf / "peft" / f"{method}.yaml")
+    (tmp_path / "finetune.yaml").write_text(
+        yaml.safe_dump(finetune_config.combined(tuning, peft, conf, conf))
+    )
+    options = [
+        "--config",
+        str(tmp_path / "finetune.yaml"),
+        "--peft_pretrained",
+        str(prepared_owsm / "model.pth"),
+    ]
+    args = PeftS2TTask.get_parser().parse_args([*options, "--output_dir", str(tmp_path / "exp")])
+    PeftS2TTask.check_required_command_args(args)
+    model = PeftS2TTask.build_model(args)
+    assert args.encoder == "e_branchformer" and args.preprocessor_conf["time_apply_prob"] == 1.0
+    adapted = {name for name, _ in iter_adapter_layers(model)}
+    base = S2TTask.build_model(
+        argparse.Namespace(**yaml.safe_load((prepared_owsm / "config.yaml").read_text()))
+    )
+    linear = {
+        n
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[0] in ("encoder", "decoder")
+    }
+    assert adapted == linear
+    assert "encoder.embed.out.0" in adapted and "decoder.output_layer" in adapted
+    assert (
+        "encoder.encoders.1.feed_forward_macaron.w_2" in adapted
+        and "encoder.encoders.0.cgmlp.channel_proj1.0" in adapted
+    )
+    assert {n for n, p in model.named_parameters() if p.requires_grad} and all(
+        ".peft_adapters." in n for n, p in model.named_parameters() if p.requires_grad
+    )
+
+
+def write_scoring_inputs(root: Path) -> tuple[Path, Path]:
+    data = root / "data"
+    (data / "test").mkdir(parents=True)
+    (data / "test" / "text.ctc").write_text("a-1 THE CAT SAT\nb-1 ONE TWO\nb-2 IT'S FINE\n")
+    (data / "test" / "utt2domain").write_text("a-1 arabic\nb-1 korean\nb-2 korean\n")
+    (data / "source").mkdir()
+    (data / "source" / "text").write_text("s-1 <eng><asr><notimestamps> HELLO WORLD\n")
+    exp = root / "exp"
+    hyps = {
+        ("base", "test"): "a-1 The cat sat.\nb-1 1 2 3\nb-2 It's fine!\n",
+        ("base", "source"): "s-1 hello world\n",
+        ("lora", "test"): "a-1 the cat\nb-1 one two\n",
+        ("lora", "source"): "s-1 hello word\n",
+    }
+    for (name, test_set), text in hyps.items():
+        (exp / "decode" / name / test_set).mkdir(parents=True)
+        (exp / "decode" / name / test_set / "text").write_text(text)
+    (exp / "lora").mkdir()
+    (exp / "lora" / "peft_budget.txt").write_text(
+        "...\ntrainable in all: 1,234 of 5,678 parameters (21.7%)\n"
+    )
+    return data, exp
+
+
+def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_path: Path) -> None:
+    data, exp = write_scoring_inputs(tmp_path)
+    script = EGS / "l2arctic" / "asr1" / "local" / "score.py"
+    sets = f"test={data / 'test'} source={data / 'source'}"
+    result = run([sys.executable, str(script), "--exp", str(exp), "--sets", sets, "--names", "base lora"])
+    assert result.returncode == 0, result.stderr
+    assert "lacks 1 utterances" in result.stderr
+    with (exp / "results.csv").open() as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert rows["base"] == {
+        "model": "base", "trainable": "0", "test WER": "14.29", "test arabic": "0.0", "test korean": "25.0",
+        "source WER": "0.0", "forgetting": "0.0",
+    }  # fmt: skip
+    assert rows["lora"] == {
+        "model": "lora", "trainable": "1,234", "test WER": "42.86", "test arabic": "33.33",
+        "test korean": "50.0", "source WER": "50.0", "forgetting": "50.0",
+    }  # fmt: skip
+    assert (exp / "results.md").read_text().splitlines()[0].startswith("| model | trainable | test WER |")
+
+
+def test_scoring_names_the_missing_decoding(tmp_path: Path) -> None:
+    data, exp = write_scoring_inputs(tmp_path)
+    script = EGS / "myst" / "asr1" / "local" / "score.py"
+    result = run(
+        [
+            sys.executable,
+            str(script),
+            "--exp",
+            str(exp),
+            "--sets",
+            f"test={data / 'test'}",
+            "--names",
+            "base dora",
+        ]
+    )
+    assert result.returncode == 1
+    assert f"no hypotheses {exp / 'decode' / 'dora' / 'test' / 'text'}" in result.stderr
+
+
+def write_myst_corpus(root: Path) -> None:
+    """Four students of a few one-second utterances in MyST's layout."""
+    rng = np.random.default_rng(0)
+    texts = ("the cat sat", "a big red ball", "yes it is", "no it isn't")
+    students = (
+        ("train", "001001", 4),
+        ("train", "001002", 4),
+        ("development", "002001", 2),
+        ("test", "003001", 2),
+    )
+    for partition, student, count in students:
+        folder = root / "data" / partition / student / f"myst_{student}_2014-01-01_10-00-00_ME_1.1"
+        folder.mkdir(parents=True)
+        for number in range(count):
+            stem = f"{folder.name}_{number:03d}"
+            soundfile.write(
+                folder / f"{stem}.flac", 0.1 * rng.standard_normal(16000), 16000, subtype="PCM_16"
+            )
+            (folder / f"{stem}.trn").write_text(texts[number])
+
+
+def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: Path, tmp_path: Path) -> None:
+    """All five stages of egs/myst/asr1 on CPU with the tiny model (one method, a few steps)."""
+    write_myst_corpus(tmp_path / "corpus")
+    command = [str(EGS / "myst" / "asr1" / "run.sh"), "--corpus_dir", str(tmp_path / "corpus")]
+    command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "ssvd_o"]
+    command += ["--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--python", sys.executable]
+    command += [
+        "--ngpu",
+        "0",
+        "--inference_ngpu",
+        "0",
+        "--inference_nj",
+        "2",
+        "--inference_args",
+        "--maxlenratio 0.01",
+    ]
+    command += [
+        "--train_args",
+        "--use_amp false --num_workers 0 --max_epoch 1 --num_iters_per_epoch 2 --batch_size 2",
+    ]
+    result = run(command, env_threads=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exp = tmp_path / "exp"
+    assert yaml.safe_load((exp / "ssvd_o" / "config.yaml").read_text())["peft"] == "ssvd_o"
+    assert (exp / "ssvd_o" / "valid.acc.ave.pth").stat().st_size < 0.25 * (
+        exp / "owsm" / "model.pth"
+    ).stat().st_size
+    test_utts = set(read_keys(tmp_path / "data" / "test" / "text"))
+    for name in ("base", "ssvd_o"):
+        assert set(read_keys(exp / "decode" / name / "test" / "text")) == test_utts
+    with (exp / "results.csv").open() as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"base", "ssvd_o"} and rows["base"]["trainable"] == "0"
+    assert int(rows["ssvd_o"]["trainable"].replace(",", "")) > 0
+
+    again = run([*command, "--stage", "3"], env_threads=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ssvd_o done" in again.stdout and again.stdout.count("decoded, skipped") == 2
+
+
+def read_keys(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines()]
