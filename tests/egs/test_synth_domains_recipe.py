@@ -1,9 +1,10 @@
 """Training, decoding and scoring stages of egs/synth_domains/asr1: the `ci` profile end to end.
 
 ``run.sh --profile ci`` runs every stage (data, tokens, shapes, pretraining, fine-tuning with the
-profile's default methods on every target domain, decoding, scoring) once per module in a
-temporary directory: about 2-4 minutes on 2 cores. The models are tiny and barely trained, so
-the tests check that the pipeline produced a complete, well-formed results table, not its numbers.
+profile's default methods on every target domain, HDMoLE once on all of them, one run of each
+sweep, decoding, scoring) once per module in a temporary directory: about 3-5 minutes on 2 cores.
+The models are tiny and barely trained, so the tests check that the pipeline produced complete,
+well-formed results and sweep tables, not their numbers.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def test_results_have_one_row_per_domain_and_method_plus_the_base(
     rows: list[dict[str, str]], domains: list[str], methods: list[str]
 ) -> None:
     assert domains == ["accent", "child", "noisy"]
+    assert methods == ["full", "ssvd_o", "hdmole"]
     expected = [(domain, method) for domain in domains for method in ["base", *methods]]
     assert [(row["domain"], row["method"]) for row in rows] == expected
 
@@ -100,15 +102,34 @@ def test_peft_methods_train_fewer_parameters_than_full_fine_tuning(
     rows: list[dict[str, str]], exp: Path
 ) -> None:
     planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
-    assert set(planned) == {"full", "lora", "dora", "pissa", "ssvd", "ssvd_o"}
-    peft_budgets = [count for method, count in planned.items() if method != "full"]
-    assert max(peft_budgets) < 0.1 * planned["full"]
-    assert max(peft_budgets) <= 1.5 * min(peft_budgets), planned
+    assert set(planned) == {"full", "ssvd_o", "hdmole", "ssvd_o@b1", "ssvd_o@outer0.75"}
+    assert max(count for method, count in planned.items() if method != "full") < 0.1 * planned["full"]
+    assert planned["ssvd_o@b1"] < planned["ssvd_o"] < planned["hdmole"]
     for row in rows:
-        if row["method"] == "full":
-            assert int(row["trainable params"]) == planned["full"]
-        elif row["method"] != "base":
+        if row["method"] != "base":
             assert int(row["trainable params"]) == planned[row["method"]], row
+
+
+def test_hdmole_is_trained_once_on_every_domain_with_their_labels(exp: Path, recipe_root: Path) -> None:
+    hdmole = exp / "all" / "hdmole"
+    assert (hdmole / "train_stats.json").is_file()
+    combined = (recipe_root / "data" / "combined" / "adapt" / "utt2domain").read_text().split()[1::2]
+    assert sorted(set(combined)) == ["accent", "child", "noisy"]
+    assert "hdmole_domain" in (hdmole / "finetune.log").read_text()
+
+
+def test_sweep_table_has_each_sweep_with_its_main_point(exp: Path) -> None:
+    with (exp / "sweeps.csv").open() as f:
+        swept = [(row["sweep"], row["value"], row["domain"], row["method"]) for row in csv.DictReader(f)]
+    assert swept == [
+        ("budget", "2", "child", "ssvd_o"),
+        ("budget", "1", "child", "ssvd_o"),
+        ("split", "0.25", "child", "ssvd_o"),
+        ("split", "0.75", "child", "ssvd_o"),
+        ("fewshot", "4", "child", "ssvd_o"),
+        ("fewshot", "2", "child", "ssvd_o"),
+    ]
+    assert (exp / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_table_and_plot_are_written(exp: Path, rows: list[dict[str, str]]) -> None:
@@ -132,8 +153,10 @@ def test_decoding_covers_every_test_utterance(
     )
     for domain in domains:
         for method in methods:
-            hypotheses = keys(exp / "decode" / f"{domain}_{method}" / "1best_recog" / "text")
-            assert hypotheses == source | keys(data / f"{domain}_test" / "text"), (domain, method)
+            run = "all/hdmole" if method == "hdmole" else f"{domain}/{method}"
+            tests = domains if method == "hdmole" else [domain]
+            hypotheses = keys(exp / "decode" / run / "1best_recog" / "text")
+            assert hypotheses == source.union(*(keys(data / f"{d}_test" / "text") for d in tests)), run
 
 
 def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: Path) -> None:
@@ -141,8 +164,10 @@ def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: P
     before = stats.stat().st_mtime_ns
     result = run_recipe(recipe_root, "--stage", "7")
     assert "Stage 7: base model" in result.stdout and "reused" in result.stdout
-    assert "Stage 8: fine-tuning configs" not in result.stdout
     assert "Stage 9: base decoded, skipped" in result.stdout
-    assert "Stage 8: ssvd_o on accent done, skipped" in result.stdout
-    assert "Stage 9: ssvd_o on accent decoded, skipped" in result.stdout
+    assert "Stage 8: accent/ssvd_o done, skipped" in result.stdout
+    assert "Stage 8: child/ssvd_o@n2 done, skipped" in result.stdout
+    assert "Stage 9: accent/ssvd_o decoded, skipped" in result.stdout
+    assert "Stage 9: all/hdmole decoded, skipped" in result.stdout
+    assert "Stage 8: fine-tune" not in result.stdout and "Stage 9: decode " not in result.stdout
     assert stats.stat().st_mtime_ns == before

@@ -4,7 +4,7 @@
 #   stage 2  synthesize         TTS, voice transforms, noise; both cores; resumable  -> ${synth}/<split>/*.wav
 #   stage 3  data dirs          Kaldi-style ${data}/<split>/{wav.scp,text,utt2spk,spk2utt,utt2domain,utt2dur}
 #   stage 4  recognizer check   pocketsphinx WER per domain on each test split        -> ${exp}/pocketsphinx_wer.md
-#   stage 5  tokens             character token list of source_train                  -> ${data}/token_list/char/tokens.txt
+#   stage 5  tokens             token list (chars or sentencepiece) of source_train  -> ${data}/token_list/<type>/tokens.txt
 #   stage 6  shapes             speech_shape of every data dir (utterance_mvn: no stats) -> ${data}/<split>/speech_shape
 #   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.best.pth
 #   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
@@ -17,6 +17,7 @@
 #                 [--data D] [--synth S] [--exp E] [--python P]      (relative paths are relative to this directory)
 #                 [--methods "full lora dora pissa ssvd ssvd_o"]    (default: the profile's default_methods)
 #                 [--domains "accent child noisy"]                  (default: all of ${data}/target_domains.txt)
+#                 [--sweeps "budget split fewshot"]                 (default: the profile's default_sweeps; or none)
 #                 [--base_model path/valid.acc.best.pth]            (config.yaml next to it; default ${exp}/base/...)
 set -euo pipefail
 
@@ -31,6 +32,7 @@ exp=""     # default exp/${profile}
 python=""  # default: the project's .venv (path.sh)
 methods=""     # default: default_methods of conf/asr/${profile}/adapters.yaml
 domains=""     # default: ${data}/target_domains.txt
+sweeps=""      # default: default_sweeps of conf/asr/${profile}/adapters.yaml ("none": no sweep)
 base_model=""  # default: ${exp}/base/valid.acc.best.pth (pretrained by stage 7 unless it exists)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
@@ -38,7 +40,7 @@ log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) 
 while [ $# -gt 0 ]; do
     name=${1#--}
     if [ "${name}" = "$1" ] || [ $# -lt 2 ] || ! declare -p "${name}" >/dev/null 2>&1; then
-        echo "usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--base_model M]" >&2
+        echo "usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M]" >&2
         exit 1
     fi
     printf -v "${name}" '%s' "$2"
@@ -52,7 +54,10 @@ profile_conf=conf/profiles/${profile}.yaml
 data=${data:-data/${profile}}
 synth=${synth:-synth/${profile}}
 exp=${exp:-exp/${profile}}
-splits=$(${python} -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["splits"]))' "${profile_conf}")
+# splits: those synthesized (a profile's text_only splits are cut, so the others are drawn as for its base
+# model, but never synthesized: the base was trained on them); profile_base: the profile's base model.
+splits=$(${python} -c 'import sys, yaml; p = yaml.safe_load(open(sys.argv[1])); print(" ".join(s for s in p["splits"] if s not in p.get("text_only", [])))' "${profile_conf}")
+profile_base=$(${python} -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get("base_model", ""))' "${profile_conf}")
 source_splits=$(printf '%s\n' ${splits} | grep '^source_' | tr '\n' ' ')
 user_domains=$(printf '%s\n' ${target_data_dirs} | cut -d= -f1 | tr '\n' ' ')
 
@@ -82,20 +87,30 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
 fi
 
 asr_conf=conf/asr/${profile}
-base_model=${base_model:-${exp}/base/valid.acc.best.pth}
-token_list=${data}/token_list/char/tokens.txt
+base_model=${base_model:-${profile_base:-${exp}/base/valid.acc.best.pth}}
+read -r token_type bpe_size < <(${python} -c 'import sys, yaml; t = yaml.safe_load(open(sys.argv[1]))["tokens"]; print(t["type"], t.get("size", 0))' "${profile_conf}")
+token_dir=${data}/token_list/${token_type}
+token_list=${token_dir}/tokens.txt
+token_args="--token_type ${token_type} --token_list ${token_list}"
+if [ "${token_type}" = bpe ]; then
+    token_dir=${data}/token_list/bpe${bpe_size}
+    token_list=${token_dir}/tokens.txt
+    token_args="--token_type bpe --token_list ${token_list} --bpemodel ${token_dir}/bpe.model"
+fi
 threads=$(( $(nproc) / nj > 0 ? $(nproc) / nj : 1 ))  # per job when stages 8-9 run ${nj} jobs at once
 if [ ${stop_stage} -ge 8 ]; then
     [ -n "${methods}" ] || methods=$(${python} -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["default_methods"]))' "${asr_conf}/adapters.yaml")
     [ -n "${domains}" ] || domains=$(tr '\n' ' ' < "${data}/target_domains.txt")
+    [ -n "${sweeps}" ] || sweeps=$(${python} -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1])).get("default_sweeps", [])))' "${asr_conf}/adapters.yaml")
+    [ "${sweeps}" != none ] || sweeps=""
 fi
 
-# run_logged LOG COMMAND...: run COMMAND with its output in LOG; on failure show the end of LOG.
+# run_logged LOG COMMAND...: run COMMAND with its output appended to LOG; on failure show the end of LOG.
 run_logged() {
     local log_file=$1
     shift
     mkdir -p "$(dirname "${log_file}")"
-    "$@" > "${log_file}" 2>&1 || { tail -n 30 "${log_file}" >&2; echo "failed: see ${log_file}" >&2; return 1; }
+    "$@" >> "${log_file}" 2>&1 || { tail -n 30 "${log_file}" >&2; echo "failed: see ${log_file}" >&2; return 1; }
 }
 
 # Jobs run in the background, ${nj} at a time; wait_jobs waits for them and fails if one failed.
@@ -116,9 +131,12 @@ data_args() {  # data_args PREFIX DATA_DIR: ESPnet's speech + text inputs and sh
     echo "--$1_data_path_and_name_and_type $2/wav.scp,speech,sound --$1_data_path_and_name_and_type $2/text,text,text --$1_shape_file $2/speech_shape"
 }
 
-if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
-    log "Stage 5: character token list -> ${token_list}"
-    ${python} local/token_list.py --text "${data}/source_train/text" --out "${token_list}"
+if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ] && [ -f "${base_model}" ]; then
+    log "Stage 5: base model ${base_model} exists: its token list is used"
+elif [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
+    log "Stage 5: ${token_type} token list -> ${token_list}"
+    ${python} local/token_list.py --text "${data}/source_train/text" --out "${token_list}" \
+        --token_type "${token_type}" --bpe_size "${bpe_size}"
 fi
 
 if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
@@ -127,63 +145,77 @@ if [ ${stage} -le 6 ] && [ ${stop_stage} -ge 6 ]; then
 fi
 
 if [ ${stage} -le 7 ] && [ ${stop_stage} -ge 7 ]; then
-    if [ -f "${base_model}" ]; then
+    base_dir=$(dirname "${base_model}")
+    if [ "${base_model}" != "${exp}/base/valid.acc.best.pth" ] && [ -f "${base_model}" ]; then
+        log "Stage 7: base model ${base_model} given, reused"
+    elif [ -f "${base_dir}/train_stats.json" ]; then
         log "Stage 7: base model ${base_model} exists, reused"
-    else
-        base_dir=$(dirname "${base_model}")
+    elif [ -n "${profile_base}" ]; then
+        echo "the ${profile} profile adapts the base ${profile_base}, which is missing: pack one with" \
+            "local/pack_base.py from a full-profile pretraining (./run.sh --profile full --stop_stage 7)" >&2
+        exit 1
+    else  # an unfinished pretraining resumes from its last epoch (ESPnet's --resume)
         log "Stage 7: pretrain the base model on source_train -> ${base_dir} (log ${base_dir}/pretrain.log)"
         run_logged "${base_dir}/pretrain.log" ${python} local/measure.py --out "${base_dir}/train_stats.json" -- \
-            ${python} -m espnet2.bin.asr_train --config "${asr_conf}/pretrain.yaml" --token_list "${token_list}" \
-            --output_dir "${base_dir}" --ngpu 0 --use_matplotlib false --use_tensorboard false \
+            ${python} -m espnet2.bin.asr_train --config "${asr_conf}/pretrain.yaml" ${token_args} \
+            --output_dir "${base_dir}" --ngpu 0 --use_matplotlib false --use_tensorboard false --resume true \
             $(data_args train "${data}/source_train") $(data_args valid "${data}/source_dev")
     fi
 fi
 
+conf_dir=${exp}/finetune_conf
+runs=${conf_dir}/runs.tsv
 if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
-    conf_dir=${exp}/finetune_conf
-    base_config=$(dirname "${base_model}")/config.yaml
-    if [ ! -f "${conf_dir}/trainable.json" ] || [ "${asr_conf}/adapters.yaml" -nt "${conf_dir}/trainable.json" ] \
-        || [ "${asr_conf}/finetune.yaml" -nt "${conf_dir}/trainable.json" ] \
-        || [ "${base_config}" -nt "${conf_dir}/trainable.json" ]; then
-        log "Stage 8: fine-tuning configs, every PEFT method at the same budget -> ${conf_dir}"
-        ${python} local/finetune_configs.py --base_config "${base_config}" \
-            --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}"
+    log "Stage 8: fine-tuning configs (every PEFT method at the same budget) and runs -> ${runs}"
+    ${python} local/finetune_configs.py --base_config "$(dirname "${base_model}")/config.yaml" \
+        --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}" \
+        --data "${data}" --methods "${methods}" --domains "${domains}" --sweeps "${sweeps}"
+    if grep -q $'^all/hdmole\t' "${runs}"; then
+        for role in adapt dev; do
+            ${python} local/derived_data_dirs.py combine "${data}/combined/${role}" \
+                $(printf "${data}/%s_${role} " ${domains})
+        done
     fi
-    finetune() {  # finetune METHOD DOMAIN
-        local dir=${exp}/$2/$1 module=espnet_plugins.bin.asr_train init="--peft_pretrained ${base_model}"
-        if [ "$1" = full ]; then module=espnet2.bin.asr_train; init="--init_param ${base_model}"; fi
+    cut -f6 "${runs}" | grep "/fewshot/" | sort -u | while read -r dir; do
+        name=$(basename "${dir}")
+        ${python} local/derived_data_dirs.py subset "${dir}" "${data}/${name%_n*}" "${name##*_n}"
+    done
+    finetune() {  # finetune RUN METHOD CONFIG TRAIN_DIR DEV_DIR
+        local dir=${exp}/$1 module=espnet_plugins.bin.asr_train init="--peft_pretrained ${base_model}" labels=""
+        if [ "$2" = full ]; then module=espnet2.bin.asr_train; init="--init_param ${base_model}"; fi
+        if [ "$2" = hdmole ]; then
+            labels="--train_data_path_and_name_and_type $4/utt2domain,domain,text"
+            labels="${labels} --valid_data_path_and_name_and_type $5/utt2domain,domain,text"
+        fi
         rm -rf "${dir}"
         OMP_NUM_THREADS=${threads} run_logged "${dir}/finetune.log" \
             ${python} local/measure.py --out "${dir}/train_stats.json" -- \
-            ${python} -m ${module} --config "${conf_dir}/$1.yaml" ${init} --output_dir "${dir}" --ngpu 0 \
+            ${python} -m ${module} --config "$3" ${init} --output_dir "${dir}" --ngpu 0 \
             --use_matplotlib false --use_tensorboard false \
-            $(data_args train "${data}/$2_adapt") $(data_args valid "${data}/$2_dev")
+            $(data_args train "$4") $(data_args valid "$5") ${labels} < /dev/null
     }
-    for domain in ${domains}; do
-        for method in ${methods}; do
-            if [ -f "${exp}/${domain}/${method}/train_stats.json" ]; then
-                log "Stage 8: ${method} on ${domain} done, skipped"
-                continue
-            fi
-            log "Stage 8: fine-tune ${method} on ${domain}_adapt -> ${exp}/${domain}/${method}"
-            start_job finetune "${method}" "${domain}"
-        done
-    done
+    while IFS=$'\t' read -r run method sweep value config train dev tests; do
+        if [ -f "${exp}/${run}/train_stats.json" ]; then
+            log "Stage 8: ${run} done, skipped"
+            continue
+        fi
+        log "Stage 8: fine-tune ${run} on ${train} -> ${exp}/${run}"
+        start_job finetune "${run}" "${method}" "${config}" "${train}" "${dev}"
+    done < "${runs}"
     wait_jobs
 fi
 
 if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
-    decode() {  # decode NAME MODULE CONFIG MODEL TEST_SPLITS...: hypotheses of every test split at once
-        local dir=${exp}/decode/$1 module=$2 config=$3 model=$4 split extra=""
-        shift 4
+    decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every test split at once
+        local dir=${exp}/decode/$1 module=$2 config=$3 model=$4 extra=$5 split
+        shift 5
         rm -rf "${dir}"
         mkdir -p "${dir}"
         for split in "$@"; do cat "${data}/${split}/wav.scp"; done > "${dir}/wav.scp"
-        if [ "${module}" = espnet_plugins.bin.asr_inference ]; then extra="--peft_merge true"; fi
         OMP_NUM_THREADS=${threads} run_logged "${dir}/decode.log" \
             ${python} -m ${module} --config "${asr_conf}/decode.yaml" --asr_train_config "${config}" \
             --asr_model_file "${model}" --data_path_and_name_and_type "${dir}/wav.scp,speech,sound" \
-            --output_dir "${dir}" --ngpu 0 ${extra}
+            --output_dir "${dir}" --ngpu 0 ${extra} < /dev/null
         echo "$*" > "${dir}/splits"
     }
     decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the model was written
@@ -197,28 +229,28 @@ if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
     else
         log "Stage 9: decode the base model (zero-shot) -> ${exp}/decode/base"
         start_job decode base espnet2.bin.asr_inference "$(dirname "${base_model}")/config.yaml" "${base_model}" \
-            ${base_splits}
+            "" ${base_splits}
     fi
-    for domain in ${domains}; do
-        for method in ${methods}; do
-            dir=${exp}/${domain}/${method}
-            if decoded "${domain}_${method}" "${dir}/valid.acc.best.pth" "${domain}_test" source_test; then
-                log "Stage 9: ${method} on ${domain} decoded, skipped"
-                continue
-            fi
-            module=espnet_plugins.bin.asr_inference
-            if [ "${method}" = full ]; then module=espnet2.bin.asr_inference; fi
-            log "Stage 9: decode ${method} on ${domain} -> ${exp}/decode/${domain}_${method}"
-            start_job decode "${domain}_${method}" ${module} "${dir}/config.yaml" "${dir}/valid.acc.best.pth" \
-                "${domain}_test" source_test
-        done
-    done
+    while IFS=$'\t' read -r run method sweep value config train dev tests; do
+        dir=${exp}/${run}
+        test_splits="$(printf '%s_test ' ${tests})source_test"
+        if decoded "${run}" "${dir}/valid.acc.best.pth" ${test_splits}; then
+            log "Stage 9: ${run} decoded, skipped"
+            continue
+        fi
+        module=espnet_plugins.bin.asr_inference extra="--peft_merge true"
+        if [ "${method}" = full ]; then module=espnet2.bin.asr_inference extra=""; fi
+        if [ "${method}" = hdmole ]; then extra=""; fi  # routed per token: no exact merge
+        log "Stage 9: decode ${run} -> ${exp}/decode/${run}"
+        start_job decode "${run}" ${module} "${dir}/config.yaml" "${dir}/valid.acc.best.pth" "${extra}" \
+            ${test_splits}
+    done < "${runs}"
     wait_jobs
 fi
 
 if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
-    log "Stage 10: score -> ${exp}/results.md, ${exp}/results.csv, ${exp}/learning_vs_forgetting.png"
-    ${python} local/score.py --data "${data}" --exp "${exp}" --domains "${domains}" --methods "${methods}"
+    log "Stage 10: score -> ${exp}/results.{md,csv}, ${exp}/learning_vs_forgetting.png and the sweeps"
+    ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

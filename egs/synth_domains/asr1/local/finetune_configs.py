@@ -1,12 +1,28 @@
-"""Stage 8 set-up: one training YAML per fine-tuning method, every PEFT method at the same budget.
+"""Stage 8 set-up: one training YAML per fine-tuning run, every PEFT method at the same budget, and the
+list of runs (``runs.tsv``) that stages 8-10 work through.
 
 ``full.yaml`` is a complete config for stock ``espnet2.bin.asr_train --init_param <base>``: the
 base's model options (``config.yaml`` next to the base model) plus the fine-tuning options.
-``<method>.yaml`` (lora, dora, pissa, ssvd, ssvd_o) holds the fine-tuning options and a ``peft:``
-block for ``espnet_plugins.bin.asr_train``, which takes the model options from the base. The
-budget B is the trainable count of the adapters file's ``budget`` entry on the base model; each
-method's rank or k is the one whose count is closest to B. ``trainable.json`` records the
-planned trainable count of every method (full: every parameter of the model).
+``<method>.yaml`` (lora, dora, pissa, ssvd, ssvd_o, hdmole) holds the fine-tuning options and a
+``peft:`` block for ``espnet_plugins.bin.asr_train``, which takes the model options from the base.
+The budget B is the trainable count of the adapters file's ``budget`` entry (a method at a rank or
+k) on the base model; each method's rank or k is the one whose count is closest to B.
+
+Runs (one line each in ``runs.tsv``, see local/runs.py):
+
+- main: every method on every domain's adapt split (``<domain>/<method>``); HDMoLE once on all
+  domains' adapt splits together, with ``utt2domain`` labels (``all/hdmole``), tested on each domain,
+  at B times the number of domains (what the per-domain adapters of one method hold together);
+- sweep ``budget``: methods at the budgets of the reference method at other ranks or k
+  (``<domain>/<method>@b<value>``);
+- sweep ``split``: SSVD-O with other inner/outer splits of its rotations (``outer_share``), its k
+  chosen again for budget B (``<domain>/ssvd_o@outer<value>``);
+- sweep ``fewshot``: methods on the first n utterances of the adapt split, balanced over speakers
+  (``<domain>/<method>@n<value>``; data dir ``<data>/fewshot/<domain>_adapt_n<value>``).
+
+The sweeps run on the ``sweeps.domains`` of the adapters file. ``trainable.json`` records the
+planned trainable count of every config (full: every parameter of the model), ``main_settings.json``
+the main runs' place on the sweeps' axes (the reference rank or k, SSVD-O's outer share).
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from runs import SWEEPS, Run, write_runs
 
 from espnet_plugins.modules import build_meta_model
 from ssvd_peft.budget import KNOBS, equal_budget_configs, estimate_budget
@@ -27,50 +44,178 @@ MODEL_KEYS = (
     "postencoder_conf", "decoder", "decoder_conf", "ctc_conf", "token_list", "token_type", "bpemodel",
     "input_size", "init", "use_preprocessor", "non_linguistic_symbols", "cleaner", "g2p",
 )  # fmt: skip
+ALL_DOMAINS = "all"
 
 
-def peft_blocks(model: Any, adapters: dict[str, Any]) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(budget B, {method: peft_conf}) with each method's rank or k chosen for B."""
-    targets = {"target_modules": list(adapters["target_modules"])}
+def method_options(adapters: dict[str, Any], method: str, domains: list[str]) -> dict[str, Any]:
+    """A method's options besides its rank or k: targets, the adapters file's options, HDMoLE's domains."""
+    options = {"target_modules": list(adapters["target_modules"]), **adapters["methods"].get(method, {})}
+    if method == "hdmole":
+        options["num_domains"] = len(domains)
+    return options
+
+
+def reference_budget(model: Any, adapters: dict[str, Any], value: int | None = None) -> int:
+    """Trainable count of the ``budget`` entry (its rank or k replaced by ``value`` when given)."""
     reference = dict(adapters["budget"])
-    reference_method = reference.pop("method")
-    options = {**targets, **adapters["methods"].get(reference_method, {}), **reference}
-    budget = estimate_budget(model, reference_method, **options).trainable
-    methods = {method: {**targets, **extra} for method, extra in adapters["methods"].items()}
+    method = reference.pop("method")
+    if value is not None:
+        reference[KNOBS[method]] = value
+    return estimate_budget(model, method, **{**method_options(adapters, method, []), **reference}).trainable
+
+
+def peft_blocks(model: Any, budget: int, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{method: peft_conf} with each method's rank or k chosen for the budget."""
     configs = equal_budget_configs(model, budget, methods)
-    blocks = {
+    return {
         method: {**methods[method], KNOBS[method]: getattr(config, KNOBS[method])}
         for method, config in configs.items()
     }
-    return budget, blocks
+
+
+class Planner:
+    """Writes the configs into ``out_dir`` and collects the runs."""
+
+    def __init__(
+        self,
+        model: Any,
+        base: dict,
+        finetune: dict,
+        adapters: dict,
+        out_dir: Path,
+        data: str,
+        domains: list[str],
+    ) -> None:
+        self.model, self.base, self.finetune, self.adapters = model, base, finetune, adapters
+        self.out_dir, self.data, self.domains = out_dir, data, domains
+        self.trainable: dict[str, int] = {}
+        self.runs: list[Run] = []
+
+    def write_config(self, name: str, method: str, block: dict[str, Any] | None) -> str:
+        if method == "full":
+            config = {key: self.base[key] for key in MODEL_KEYS if key in self.base}
+            config.update(self.finetune)
+            config.update(self.adapters.get("full") or {})
+            self.trainable[name] = sum(parameter.numel() for parameter in self.model.parameters())
+        else:
+            config = {"peft": method, "peft_conf": block, "peft_save": "adapter", **self.finetune}
+            if method == "hdmole":
+                config["peft_hdmole"] = {**self.adapters.get("peft_hdmole", {}), "domains": self.domains}
+            self.trainable[name] = estimate_budget(self.model, method, **block).trainable
+        path = self.out_dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return str(path)
+
+    def add_domain_run(
+        self, domain: str, name: str, method: str, sweep: str, value: str, config: str, train: str = ""
+    ) -> None:
+        """A run on one domain: trained on its adapt split (or ``train``), validated on its dev split."""
+        train = train or f"{self.data}/{domain}_adapt"
+        dev = f"{self.data}/{domain}_dev"
+        self.runs.append(Run(f"{domain}/{name}", method, sweep, value, config, train, dev, [domain]))
+
+    def main_runs(self, methods: list[str]) -> dict[str, dict[str, Any]]:
+        budget = reference_budget(self.model, self.adapters)
+        options = {m: method_options(self.adapters, m, self.domains) for m in methods if m != "full"}
+        blocks = peft_blocks(self.model, budget, {m: o for m, o in options.items() if m != "hdmole"})
+        if "hdmole" in options:  # one model for every domain: the budget of the per-domain adapters together
+            hdmole_budget = budget * len(self.domains)
+            blocks.update(peft_blocks(self.model, hdmole_budget, {"hdmole": options["hdmole"]}))
+        for method in methods:
+            config = self.write_config(method, method, blocks.get(method))
+            if method == "hdmole":
+                data = f"{self.data}/combined"
+                name = f"{ALL_DOMAINS}/{method}"
+                self.runs.append(
+                    Run(name, method, "main", "-", config, f"{data}/adapt", f"{data}/dev", self.domains)
+                )
+                continue
+            for domain in self.domains:
+                self.add_domain_run(domain, method, method, "main", "-", config)
+        return blocks
+
+    def sweep_runs(self, sweeps: list[str], methods: list[str]) -> None:
+        spec = self.adapters.get("sweeps") or {}
+        missing = [sweep for sweep in sweeps if sweep not in spec]
+        if missing:
+            raise SystemExit(
+                f"--sweeps {' '.join(missing)}: the adapters file has no sweeps.{missing[0]} entry"
+            )
+        needed = ({"ssvd_o"} if "split" in sweeps else set()) | set(
+            spec["fewshot"]["methods"] if "fewshot" in sweeps else []
+        )
+        if needed - set(methods):
+            add = sorted(needed - set(methods))
+            raise SystemExit(f"the split and fewshot sweeps reuse main configs: add {add} to --methods")
+        domains = [domain for domain in spec["domains"] if domain in self.domains]
+        configs: list[tuple[str, str, str, str]] = []  # (method, sweep, value, config)
+        if "budget" in sweeps:
+            for value in spec["budget"]["values"]:
+                options = {
+                    m: method_options(self.adapters, m, self.domains) for m in spec["budget"]["methods"]
+                }
+                budget = reference_budget(self.model, self.adapters, value)
+                for method, block in peft_blocks(self.model, budget, options).items():
+                    name = f"{method}@b{value}"
+                    configs.append((method, "budget", str(value), self.write_config(name, method, block)))
+        if "split" in sweeps:
+            budget = reference_budget(self.model, self.adapters)
+            for share in spec["split"]["outer_share"]:
+                options = {**method_options(self.adapters, "ssvd_o", self.domains), "outer_share": share}
+                block = peft_blocks(self.model, budget, {"ssvd_o": options})["ssvd_o"]
+                name = f"ssvd_o@outer{share}"
+                configs.append(("ssvd_o", "split", str(share), self.write_config(name, "ssvd_o", block)))
+        for domain in domains:
+            for method, sweep, value, config in configs:
+                self.add_domain_run(domain, Path(config).stem, method, sweep, value, config)
+            if "fewshot" in sweeps:
+                for size in spec["fewshot"]["sizes"]:
+                    for method in spec["fewshot"]["methods"]:
+                        config = str(self.out_dir / f"{method}.yaml")
+                        train = f"{self.data}/fewshot/{domain}_adapt_n{size}"
+                        self.add_domain_run(
+                            domain, f"{method}@n{size}", method, "fewshot", str(size), config, train
+                        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_config", type=Path, required=True, help="config.yaml of the base model")
     parser.add_argument("--finetune", type=Path, required=True, help="training options of every run")
-    parser.add_argument("--adapters", type=Path, required=True, help="methods, targets and budget")
+    parser.add_argument("--adapters", type=Path, required=True, help="methods, targets, budget, sweeps")
     parser.add_argument("--out_dir", type=Path, required=True)
+    parser.add_argument("--data", required=True, help="data dir of the profile")
+    parser.add_argument("--methods", required=True, help="space-separated methods of the main runs")
+    parser.add_argument("--domains", required=True, help="space-separated target domains")
+    parser.add_argument("--sweeps", default="", help=f"space-separated sweeps to run: {' '.join(SWEEPS)}")
     args = parser.parse_args()
-    base = yaml.safe_load(args.base_config.read_text())
-    finetune = yaml.safe_load(args.finetune.read_text())
     adapters = yaml.safe_load(args.adapters.read_text())
-    model = build_meta_model(args.base_config)
-    budget, blocks = peft_blocks(model, adapters)
+    methods, domains, sweeps = args.methods.split(), args.domains.split(), args.sweeps.split()
+    unknown = sorted(set(sweeps) - set(SWEEPS))
+    if unknown:
+        raise SystemExit(f"--sweeps: unknown {unknown}; known: {' '.join(SWEEPS)}")
+    planner = Planner(
+        build_meta_model(args.base_config),
+        yaml.safe_load(args.base_config.read_text()),
+        yaml.safe_load(args.finetune.read_text()),
+        adapters,
+        args.out_dir,
+        args.data,
+        domains,
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-
-    full = {key: base[key] for key in MODEL_KEYS if key in base}
-    full.update(finetune)
-    full.update(adapters.get("full") or {})
-    (args.out_dir / "full.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    trainable = {"full": sum(parameter.numel() for parameter in model.parameters())}
-    for method, block in blocks.items():
-        config = {"peft": method, "peft_conf": block, "peft_save": "adapter", **finetune}
-        (args.out_dir / f"{method}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        trainable[method] = estimate_budget(model, method, **block).trainable
-    (args.out_dir / "trainable.json").write_text(json.dumps(trainable, indent=1) + "\n")
-    knobs = ", ".join(f"{m} {KNOBS[m]}={b[KNOBS[m]]} ({trainable[m]:,})" for m, b in blocks.items())
-    print(f"budget {budget:,} trainable parameters: {knobs}; full {trainable['full']:,}")
+    blocks = planner.main_runs(methods)
+    if sweeps:
+        planner.sweep_runs(sweeps, methods)
+    (args.out_dir / "trainable.json").write_text(json.dumps(planner.trainable, indent=1) + "\n")
+    reference = dict(adapters["budget"])
+    main_settings = {"budget": str(reference[KNOBS[reference["method"]]])}
+    if "ssvd_o" in blocks:
+        main_settings["split"] = str(blocks["ssvd_o"].get("outer_share", ""))
+    (args.out_dir / "main_settings.json").write_text(json.dumps(main_settings) + "\n")
+    write_runs(args.out_dir / "runs.tsv", planner.runs)
+    knobs = ", ".join(f"{m} {KNOBS[m]}={b[KNOBS[m]]} ({planner.trainable[m]:,})" for m, b in blocks.items())
+    print(f"{len(planner.runs)} runs; main budget: {knobs}; full {planner.trainable.get('full', 0):,}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 A split named <domain>_<role> (source_train, accent_adapt, child_test, ...) takes the voices that
 conf/domains.yaml lists for that domain and role; its sentences go to the voices in turn, so voices are
-balanced. Per utterance: speed and pitch shift drawn from the domain's ranges; transformed voices (child
-voices, "<name>2" speakers) draw a pitch median and a duration factor; noisy domains draw a noise kind,
-an SNR, maybe a room, and babble talkers from the babble voices of the split. The babble sentences go in
-turn to every babble voice, so the babble of the test split shares neither talkers nor text with that
-of the adaptation splits.
+balanced. With voices_per_sentence r (a profile option per split, default 1) every sentence is spoken
+by r different voices, the next r in turn: utterance i*r + j is sentence i spoken by voice (i*r + j)
+mod (number of voices). Per utterance: speed and pitch shift drawn from the domain's ranges;
+transformed voices (child voices, "<name>2" speakers) draw a pitch median and a duration factor; noisy
+domains draw a noise kind, an SNR, maybe a room, and babble talkers from the babble voices of the split.
+The babble sentences go in turn to every babble voice, so the babble of the test split shares neither
+talkers nor text with that of the adaptation splits.
 
 Utterance ids are <voice>-<split>-<index>, so sorting by id groups speakers as Kaldi requires.
 """
@@ -72,15 +74,26 @@ def noise_draw(rng: random.Random, noise: dict, role: str, babble_rows: list[dic
 
 
 def split_plan(
-    split: str, sentences: list[str], conf: dict, seed: int, babble_rows: list[dict]
+    split: str,
+    sentences: list[str],
+    conf: dict,
+    seed: int,
+    babble_rows: list[dict],
+    voices_per_sentence: int = 1,
 ) -> list[dict]:
-    """One row per sentence of the split: the full recipe of its waveform."""
+    """One row per (sentence, voice) of the split: the full recipe of its waveform."""
     domain, role = domain_and_role(split)
     spec = conf["domains"][domain]
     voices = spec["splits"][role]
+    if not 1 <= voices_per_sentence <= len(voices):
+        raise ValueError(
+            f"voices_per_sentence of {split} is {voices_per_sentence}: it must be between 1 and the "
+            f"{len(voices)} voices that conf/domains.yaml lists for {domain} {role}"
+        )
     rng = random.Random(utterance_seed(split, seed))
     rows = []
-    for index, text in enumerate(sentences):
+    spoken = [text for text in sentences for _ in range(voices_per_sentence)]
+    for index, text in enumerate(spoken):
         voice = voices[index % len(voices)]
         utt = f"{voice}-{split}-{index:05d}"
         spec_of_voice = conf["voices"][voice]

@@ -4,9 +4,12 @@
     CER = the same over characters, spaces included (ESPnet's char tokens count <space>)
     forgetting = source WER after adaptation - source WER of the base model (zero-shot)
 
-Rows: per target domain, the base model (zero-shot) and every fine-tuning method. Writes
-``results.csv``, ``results.md`` and ``learning_vs_forgetting.png`` (target WER against source WER,
-one point per method, one panel per domain) into the experiment dir.
+Runs come from ``runs.tsv`` (local/finetune_configs.py). Main table: per target domain, the base model
+(zero-shot) and every main run tested on it (HDMoLE, trained once on all domains, on each): written
+as ``results.csv``, ``results.md`` and ``learning_vs_forgetting.png`` (target WER against source WER,
+one point per method, one panel per domain). Sweeps (budget, SSVD-O split, few-shot), each with the
+main run of the same method as its point at the main setting: ``sweeps.csv``, ``sweeps.md`` and
+``sweeps.png`` (target WER against trainable parameters, outer share, adaptation utterances).
 """
 
 from __future__ import annotations
@@ -18,11 +21,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from runs import SWEEPS, Run, read_runs
+
 BASE = "base"
 COLUMNS = (
     "domain", "method", "trainable params", "target WER", "target CER", "source WER", "source CER",
     "forgetting (source WER change)", "train seconds", "peak memory MB",
 )  # fmt: skip
+SWEEP_COLUMNS = ("sweep", "value", *COLUMNS)
+SWEEP_AXES = {
+    "budget": "trainable parameters",
+    "split": "SSVD-O outer share of the rotation budget",
+    "fewshot": "adaptation utterances",
+}
 TRAINABLE_LINE = re.compile(r"trainable in all: ([\d,]+) of")
 
 
@@ -64,39 +75,71 @@ def error_rates(references: dict[str, str], hypotheses: dict[str, str]) -> tuple
     return ErrorRate(word_errors, word_count), ErrorRate(char_errors, char_count)
 
 
-def trainable_parameters(run_dir: Path, method: str, planned: dict[str, int]) -> int:
+def trainable_parameters(run_dir: Path, method: str, planned: int) -> int:
     """The count the plugin logged in peft_budget.txt; for full fine-tuning, the model's size."""
     budget_file = run_dir / "peft_budget.txt"
     if method != "full" and budget_file.exists():
         match = TRAINABLE_LINE.search(budget_file.read_text())
         if match:
             return int(match.group(1).replace(",", ""))
-    return planned[method]
+    return planned
 
 
-def result_rows(data: Path, exp: Path, domains: list[str], methods: list[str]) -> list[dict[str, object]]:
-    source_refs = read_text(data / "source_test" / "text")
-    base_hyps = read_text(exp / "decode" / BASE / "1best_recog" / "text")
-    base_source = error_rates(source_refs, base_hyps)
-    planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
+class Scorer:
+    """Error rates of the base and of every run against the test references of the data dir."""
+
+    def __init__(self, data: Path, exp: Path) -> None:
+        self.data, self.exp = data, exp
+        self.source_refs = read_text(data / "source_test" / "text")
+        self.base_hyps = read_text(exp / "decode" / BASE / "1best_recog" / "text")
+        self.base_source = error_rates(self.source_refs, self.base_hyps)
+        self.planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
+
+    def base_row(self, domain: str) -> dict[str, object]:
+        target = error_rates(self.targets(domain), self.base_hyps)
+        return row(domain, BASE, 0, target, self.base_source, self.base_source, None)
+
+    def targets(self, domain: str) -> dict[str, str]:
+        return read_text(self.data / f"{domain}_test" / "text")
+
+    def run_row(self, run: Run, domain: str) -> dict[str, object]:
+        hyps = read_text(self.exp / "decode" / run.name / "1best_recog" / "text")
+        run_dir = self.exp / run.name
+        return row(
+            domain,
+            run.method,
+            trainable_parameters(run_dir, run.method, self.planned[Path(run.config).stem]),
+            error_rates(self.targets(domain), hyps),
+            error_rates(self.source_refs, hyps),
+            self.base_source,
+            json.loads((run_dir / "train_stats.json").read_text()),
+        )
+
+
+def result_rows(scorer: Scorer, runs: list[Run], domains: list[str]) -> list[dict[str, object]]:
+    """Per domain: the base (zero-shot), then every main run tested on that domain."""
     rows: list[dict[str, object]] = []
     for domain in domains:
-        target_refs = read_text(data / f"{domain}_test" / "text")
-        rows.append(row(domain, BASE, 0, error_rates(target_refs, base_hyps), base_source, base_source, None))
-        for method in methods:
-            hyps = read_text(exp / "decode" / f"{domain}_{method}" / "1best_recog" / "text")
-            run_dir = exp / domain / method
-            rows.append(
-                row(
-                    domain,
-                    method,
-                    trainable_parameters(run_dir, method, planned),
-                    error_rates(target_refs, hyps),
-                    error_rates(source_refs, hyps),
-                    base_source,
-                    json.loads((run_dir / "train_stats.json").read_text()),
-                )
-            )
+        rows.append(scorer.base_row(domain))
+        rows += [scorer.run_row(r, domain) for r in runs if r.sweep == "main" and domain in r.tests]
+    return rows
+
+
+def sweep_rows(scorer: Scorer, runs: list[Run], main_settings: dict[str, str]) -> list[dict[str, object]]:
+    """Every sweep run, and the main run of the same (domain, method) as the sweep's point at the main
+    setting (``main_settings``: the budget's rank or k, SSVD-O's outer share; few-shot: the adapt size)."""
+    rows: list[dict[str, object]] = []
+    for sweep in SWEEPS:
+        swept = [r for r in runs if r.sweep == sweep]
+        points = {(r.tests[0], r.method) for r in swept}
+        main = [
+            r for r in runs if r.sweep == "main" and len(r.tests) == 1 and (r.tests[0], r.method) in points
+        ]
+        for run in [*main, *swept]:
+            value = run.value if run.sweep == sweep else main_settings.get(sweep, "")
+            if sweep == "fewshot" and run.sweep == "main":
+                value = str(len(read_text(Path(run.train) / "text")))
+            rows.append({"sweep": sweep, "value": value, **scorer.run_row(run, run.tests[0])})
     return rows
 
 
@@ -119,15 +162,16 @@ def row(
     return dict(zip(COLUMNS, values, strict=True))
 
 
-def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+def write_csv(rows: list[dict[str, object]], columns: tuple[str, ...], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
 
 def markdown(rows: list[dict[str, object]], title: str) -> str:
-    lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    columns = list(rows[0])
+    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
         cells = [f"{value:,}" if isinstance(value, int) else str(value) or "-" for value in r.values()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -156,19 +200,57 @@ def plot(rows: list[dict[str, object]], domains: list[str], path: Path) -> None:
     plt.close(figure)
 
 
+def plot_sweeps(rows: list[dict[str, object]], path: Path) -> None:
+    """Target WER against the swept value, one line per (domain, method), one panel per sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = list(dict.fromkeys(str(r["sweep"]) for r in rows))
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 4.0), squeeze=False)
+    for axis, sweep in zip(axes[0], sweeps, strict=True):
+        rows_of_sweep = [r for r in rows if r["sweep"] == sweep]
+        for domain, method in dict.fromkeys((r["domain"], r["method"]) for r in rows_of_sweep):
+            line = [r for r in rows_of_sweep if (r["domain"], r["method"]) == (domain, method)]
+            x = [float(r["trainable params"] if sweep == "budget" else r["value"]) for r in line]
+            order = sorted(range(len(x)), key=x.__getitem__)
+            axis.plot([x[i] for i in order], [line[i]["target WER"] for i in order], marker="o",
+                      label=f"{method} ({domain})")  # fmt: skip
+        axis.set_xlabel(SWEEP_AXES[sweep])
+        if sweep != "split":
+            axis.set_xscale("log")
+        axis.set_ylabel("target WER %")
+        axis.set_title(sweep)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True, help="data dir: source_test, <domain>_test")
     parser.add_argument("--exp", type=Path, required=True, help="experiment dir of the run")
+    parser.add_argument("--runs", type=Path, required=True, help="runs.tsv of local/finetune_configs.py")
     parser.add_argument("--domains", required=True, help="target domains, space-separated")
-    parser.add_argument("--methods", required=True, help="fine-tuning methods, space-separated")
     args = parser.parse_args()
-    domains, methods = args.domains.split(), args.methods.split()
-    rows = result_rows(args.data, args.exp, domains, methods)
-    write_csv(rows, args.exp / "results.csv")
+    domains = args.domains.split()
+    scorer = Scorer(args.data, args.exp)
+    runs = read_runs(args.runs)
+    rows = result_rows(scorer, runs, domains)
+    write_csv(rows, COLUMNS, args.exp / "results.csv")
     (args.exp / "results.md").write_text(markdown(rows, f"Learning vs forgetting: {args.exp}"))
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
     print((args.exp / "results.md").read_text())
+    main_settings = json.loads((args.runs.parent / "main_settings.json").read_text())
+    swept = sweep_rows(scorer, runs, main_settings)
+    if swept:
+        write_csv(swept, SWEEP_COLUMNS, args.exp / "sweeps.csv")
+        (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}"))
+        plot_sweeps(swept, args.exp / "sweeps.png")
+        print((args.exp / "sweeps.md").read_text())
 
 
 if __name__ == "__main__":

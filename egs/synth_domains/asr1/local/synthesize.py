@@ -152,8 +152,13 @@ def main() -> None:
 
     skip = set(args.skip_domains.split())
     babble_rows = plan.babble_plan(sentences(plan.BABBLE), conf["voices"], profile["seed"])
-    splits = [s for s in profile["splits"] if plan.domain_and_role(s)[0] not in skip]
-    rows = {s: plan.split_plan(s, sentences(s), conf, profile["seed"], babble_rows) for s in splits}
+    text_only = set(profile.get("text_only", []))
+    splits = [s for s in profile["splits"] if plan.domain_and_role(s)[0] not in skip and s not in text_only]
+    repeats = profile.get("voices_per_sentence", {})
+    rows = {
+        s: plan.split_plan(s, sentences(s), conf, profile["seed"], babble_rows, repeats.get(s, 1))
+        for s in splits
+    }
     needs_babble = any(row["noise"] for split_rows in rows.values() for row in split_rows)
     every_row = [*babble_rows, *(row for split_rows in rows.values() for row in split_rows)]
     forget_changed(every_row)

@@ -1,0 +1,65 @@
+"""Pack a pretrained base model (stage 7) into a self-contained directory that can be committed.
+
+    <out>/valid.acc.best.pth   the weights (float32 state dict, as ESPnet saves it)
+    <out>/config.yaml          the training config (its token list inline), bpemodel pointing into <out>
+    <out>/bpe.model            (subword tokens only)
+    <out>/train.log            the pretraining log's epoch summaries (valid accuracy per epoch)
+
+The bpemodel path in config.yaml is written relative to the recipe dir (run.sh runs from there), so any run of
+the recipe can pass ``--base_model <out>/valid.acc.best.pth``. Refuses to write a model file larger
+than ``--max_mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+def epoch_summaries(log: Path) -> str:
+    return "".join(line for line in log.read_text().splitlines(keepends=True) if "epoch results" in line)
+
+
+def pack(base_dir: Path, out: Path, max_mb: float) -> None:
+    model = (base_dir / "valid.acc.best.pth").resolve()
+    if not model.is_file():
+        raise SystemExit(f"{base_dir}/valid.acc.best.pth not found: run stage 7 first")
+    size_mb = model.stat().st_size / 2**20
+    if size_mb > max_mb:
+        raise SystemExit(f"{model} is {size_mb:.1f} MB, more than --max_mb {max_mb}: use a smaller model")
+    config = yaml.safe_load((base_dir / "config.yaml").read_text())
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    shutil.copyfile(model, staging / "valid.acc.best.pth")
+    if config.get("bpemodel"):
+        shutil.copyfile(config["bpemodel"], staging / "bpe.model")
+        config["bpemodel"] = str(out / "bpe.model")
+    (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    log = base_dir / "pretrain.log"
+    if log.is_file():
+        (staging / "train.log").write_text(epoch_summaries(log))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    print(f"{out}: {size_mb:.1f} MB model, config.yaml{', bpe.model' if config.get('bpemodel') else ''}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base_dir", type=Path, required=True, help="stage 7's output, e.g. exp/full/base")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="relative to the recipe dir, e.g. pretrained/full"
+    )
+    parser.add_argument("--max_mb", type=float, default=20.0)
+    args = parser.parse_args()
+    if args.out.is_absolute():
+        raise SystemExit("--out must be relative to the recipe dir: config.yaml refers to it from there")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    pack(args.base_dir, args.out, args.max_mb)
+
+
+if __name__ == "__main__":
+    main()

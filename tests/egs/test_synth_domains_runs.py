@@ -1,0 +1,255 @@
+"""egs/synth_domains/asr1 helpers of stages 2, 5 and 8: voices per sentence, token lists, derived data
+dirs (HDMoLE's combined set, few-shot subsets) and the list of fine-tuning runs with its sweeps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
+sys.path.insert(0, str(RECIPE / "local"))
+
+import derived_data_dirs  # noqa: E402
+import plan  # noqa: E402
+import token_list  # noqa: E402
+
+DOMAINS = yaml.safe_load((RECIPE / "conf" / "domains.yaml").read_text())
+
+
+def test_each_sentence_is_spoken_by_distinct_voices_in_turn() -> None:
+    sentences = [f"sentence {i}" for i in range(9)]
+    rows = plan.split_plan("source_train", sentences, DOMAINS, 0, [], voices_per_sentence=2)
+    voices = DOMAINS["domains"]["source"]["splits"]["train"]
+    assert len(rows) == 18 and len({row["utt"] for row in rows}) == 18
+    for i, sentence in enumerate(sentences):
+        pair = [row for row in rows if row["text"] == sentence]
+        assert [row["voice"] for row in pair] == [voices[(2 * i) % 6], voices[(2 * i + 1) % 6]]
+    assert set(Counter(row["voice"] for row in rows).values()) == {3}
+
+
+def test_one_voice_per_sentence_keeps_the_plan_unchanged() -> None:
+    sentences = ["a b c", "d e f"]
+    default = plan.split_plan("accent_adapt", sentences, DOMAINS, 0, [])
+    assert default == plan.split_plan("accent_adapt", sentences, DOMAINS, 0, [], voices_per_sentence=1)
+    assert [row["utt"] for row in default] == [
+        "joe.scotland-accent_adapt-00000",
+        "joe.caribbean-accent_adapt-00001",
+    ]
+
+
+def test_more_voices_per_sentence_than_voices_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"voices_per_sentence of child_test is 3: .* 2 voices"):
+        plan.split_plan("child_test", ["a b c"], DOMAINS, 0, [], voices_per_sentence=3)
+
+
+def test_bpe_token_list_follows_espnet_and_encodes_every_sentence(tmp_path: Path) -> None:
+    spm = pytest.importorskip("sentencepiece")
+    words = ["the", "cat", "dog", "sat", "on", "a", "mat", "red", "blue", "green", "house", "runs"]
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 4)) for i in range(200)]
+    tokens = token_list.bpe_token_list(texts, 24, tmp_path / "bpe.model")
+    assert tokens[:2] == ["<blank>", "<unk>"] and tokens[-1] == "<sos/eos>"
+    assert len(tokens) == 24 - 3 + 3 and len(set(tokens)) == len(tokens)
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+    known = set(tokens)
+    for text in texts[:20]:
+        pieces = processor.encode(text, out_type=str)
+        assert set(pieces) <= known and processor.decode(pieces) == text
+
+
+def test_character_token_list_ranks_characters_by_count() -> None:
+    assert token_list.character_token_list(["aab", "b a"]) == [
+        "<blank>",
+        "<unk>",
+        "a",
+        "b",
+        "<space>",
+        "<sos/eos>",
+    ]
+
+
+def data_dir(path: Path, speakers: dict[str, int], domain: str) -> Path:
+    """A Kaldi data dir with speakers[spk] utterances each (ids <spk>-<n>)."""
+    utts = [f"{spk}-{n}" for spk, count in speakers.items() for n in range(count)]
+    path.mkdir(parents=True)
+    tables = {
+        "wav.scp": {u: f"/audio/{u}.wav" for u in utts},
+        "text": {u: f"words of {u}" for u in utts},
+        "utt2spk": {u: u.split("-")[0] for u in utts},
+        "utt2domain": dict.fromkeys(utts, domain),
+        "speech_shape": {u: "16000" for u in utts},
+    }
+    for name, table in tables.items():
+        (path / name).write_text("".join(f"{u} {v}\n" for u, v in sorted(table.items())))
+    return path
+
+
+def read(path: Path) -> dict[str, str]:
+    return derived_data_dirs.read_table(path)
+
+
+def test_few_shot_subsets_are_balanced_over_speakers_and_nested(tmp_path: Path) -> None:
+    source = data_dir(tmp_path / "child_adapt", {"a": 5, "b": 2, "c": 5}, "child")
+    derived_data_dirs.subset(tmp_path / "n7", source, 7)
+    derived_data_dirs.subset(tmp_path / "n3", source, 3)
+    small, large = read(tmp_path / "n3" / "utt2spk"), read(tmp_path / "n7" / "utt2spk")
+    assert Counter(small.values()) == {"a": 1, "b": 1, "c": 1}
+    assert Counter(large.values()) == {"a": 3, "b": 2, "c": 2}
+    assert set(small) <= set(large)
+    for name in ("wav.scp", "text", "utt2domain", "speech_shape"):
+        table = read(tmp_path / "n7" / name)
+        assert list(table) == sorted(large) and table == {u: read(source / name)[u] for u in large}
+    assert read(tmp_path / "n7" / "spk2utt") == {"a": "a-0 a-1 a-2", "b": "b-0 b-1", "c": "c-0 c-1"}
+
+
+def test_a_subset_larger_than_its_source_is_refused(tmp_path: Path) -> None:
+    source = data_dir(tmp_path / "child_adapt", {"a": 2}, "child")
+    with pytest.raises(SystemExit, match="has 2 utterances: cannot take 3"):
+        derived_data_dirs.subset(tmp_path / "n3", source, 3)
+    assert not (tmp_path / "n3").exists()
+
+
+def test_combined_dir_keeps_every_utterance_and_its_domain(tmp_path: Path) -> None:
+    accent = data_dir(tmp_path / "accent_adapt", {"x": 2}, "accent")
+    child = data_dir(tmp_path / "child_adapt", {"y": 3}, "child")
+    assert derived_data_dirs.combine(tmp_path / "combined", [accent, child]) == 5
+    domains = read(tmp_path / "combined" / "utt2domain")
+    assert domains == {"x-0": "accent", "x-1": "accent", "y-0": "child", "y-1": "child", "y-2": "child"}
+    with pytest.raises(SystemExit, match="same utterance id"):
+        derived_data_dirs.combine(tmp_path / "twice", [accent, accent])
+
+
+def write_base_config(path: Path) -> Path:
+    """config.yaml of a small ESPnet Transformer ASR model: ESPnet's defaults plus the model options."""
+    from espnet2.tasks.asr import ASRTask
+
+    config = {
+        **ASRTask.get_default_config(),
+        "token_list": ["<blank>", "<unk>", "a", "b", "<sos/eos>"],
+        "input_size": 20,
+        "frontend": None,
+        "normalize": None,
+        "specaug": None,
+        "encoder": "transformer",
+        "encoder_conf": {"output_size": 96, "attention_heads": 2, "linear_units": 192, "num_blocks": 2},
+        "decoder": "transformer",
+        "decoder_conf": {"attention_heads": 2, "linear_units": 192, "num_blocks": 1},
+        "model_conf": {"ctc_weight": 0.3},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def plan_runs(tmp_path: Path, methods: str, sweeps: str) -> subprocess.CompletedProcess[str]:
+    pytest.importorskip("espnet2")
+    command = [
+        sys.executable, str(RECIPE / "local" / "finetune_configs.py"),
+        "--base_config", str(write_base_config(tmp_path / "config.yaml")),
+        "--finetune", str(RECIPE / "conf" / "asr" / "ci" / "finetune.yaml"),
+        "--adapters", str(RECIPE / "conf" / "asr" / "full" / "adapters.yaml"),
+        "--out_dir", str(tmp_path / "conf"), "--data", "data", "--methods", methods,
+        "--domains", "accent child noisy", "--sweeps", sweeps,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_runs_cover_every_method_domain_and_sweep_point(tmp_path: Path) -> None:
+    result = plan_runs(tmp_path, "full lora dora pissa ssvd ssvd_o hdmole", "budget split fewshot")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("\t") for line in (tmp_path / "conf" / "runs.tsv").read_text().splitlines()]
+    assert all(len(line) == 8 for line in lines)
+    runs = {line[0]: line for line in lines}
+    main = [name for name, line in runs.items() if line[2] == "main"]
+    assert len(main) == 6 * 3 + 1
+    assert runs["all/hdmole"][5:] == ["data/combined/adapt", "data/combined/dev", "accent child noisy"]
+    assert runs["child/lora"][5:] == ["data/child_adapt", "data/child_dev", "child"]
+    swept = sorted(name for name, line in runs.items() if line[2] != "main")
+    assert swept == sorted(
+        [f"child/{m}@b{v}" for m in ("lora", "ssvd", "ssvd_o") for v in (2, 32)]
+        + [f"child/ssvd_o@outer{s}" for s in (0.0, 0.5, 0.75)]
+        + [f"child/{m}@n{n}" for m in ("full", "lora", "ssvd", "ssvd_o") for n in (50, 100)]
+    )
+    assert runs["child/lora@n50"][4] == str(tmp_path / "conf" / "lora.yaml")
+    assert runs["child/lora@n50"][5] == "data/fewshot/child_adapt_n50"
+
+
+def test_every_peft_config_trains_the_budget_and_hdmole_that_of_all_domains(tmp_path: Path) -> None:
+    assert plan_runs(tmp_path, "lora ssvd ssvd_o hdmole", "budget split").returncode == 0
+    conf = tmp_path / "conf"
+    trainable = yaml.safe_load((conf / "trainable.json").read_text())
+    budget = trainable["lora"]
+    for method in ("ssvd", "ssvd_o", "ssvd_o@outer0.5"):
+        assert abs(trainable[method] - budget) <= 0.05 * budget, trainable
+    assert trainable["lora@b2"] < budget < trainable["lora@b32"]
+    one_rank_of_three_experts = 3 * budget / 8  # the budget is LoRA rank 8; HDMoLE's knob moves 3 experts
+    assert abs(trainable["hdmole"] - 3 * budget) <= one_rank_of_three_experts / 2 + 0.02 * budget, trainable
+    hdmole = yaml.safe_load((conf / "hdmole.yaml").read_text())
+    assert hdmole["peft_hdmole"]["domains"] == ["accent", "child", "noisy"]
+    assert hdmole["peft_conf"]["num_domains"] == 3
+    split = yaml.safe_load((conf / "ssvd_o@outer0.5.yaml").read_text())["peft_conf"]
+    main = yaml.safe_load((conf / "ssvd_o.yaml").read_text())["peft_conf"]
+    assert split == {**main, "outer_share": 0.5, "k": split["k"]}
+    assert yaml.safe_load((conf / "main_settings.json").read_text()) == {"budget": "8", "split": "0.25"}
+
+
+def test_a_sweep_needs_the_main_config_it_varies(tmp_path: Path) -> None:
+    result = plan_runs(tmp_path, "lora", "split")
+    assert result.returncode != 0 and "add ['ssvd_o'] to --methods" in result.stderr
+    result = plan_runs(tmp_path, "lora", "depth")
+    assert result.returncode != 0 and "--sweeps: unknown ['depth']" in result.stderr
+
+
+def fake_base(base_dir: Path, model_bytes: int) -> Path:
+    """A stage-7 output dir: weights, config.yaml with a bpemodel, and a pretraining log."""
+    base_dir.mkdir(parents=True)
+    (base_dir / "7epoch.pth").write_bytes(b"w" * model_bytes)
+    (base_dir / "valid.acc.best.pth").symlink_to("7epoch.pth")
+    (base_dir / "bpe.model").write_bytes(b"sentencepiece")
+    config = {"token_list": ["<blank>", "<unk>", "a", "<sos/eos>"], "bpemodel": str(base_dir / "bpe.model")}
+    (base_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (base_dir / "pretrain.log").write_text("noise\nINFO: 1epoch results: [valid] acc=0.5\nmore noise\n")
+    return base_dir
+
+
+def pack(recipe: Path, base_dir: Path, out: str, *options: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        str(RECIPE / "local" / "pack_base.py"),
+        "--base_dir",
+        str(base_dir),
+        "--out",
+        out,
+    ]
+    return subprocess.run([*command, *options], cwd=recipe, capture_output=True, text=True)
+
+
+def test_packed_base_is_self_contained_and_relative_to_the_recipe(tmp_path: Path) -> None:
+    base_dir = fake_base(tmp_path / "exp" / "full" / "base", 1000)
+    result = pack(tmp_path, base_dir, "pretrained/full")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "pretrained" / "full"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bpe.model",
+        "config.yaml",
+        "train.log",
+        "valid.acc.best.pth",
+    ]
+    assert not (out / "valid.acc.best.pth").is_symlink()
+    assert (out / "valid.acc.best.pth").read_bytes() == b"w" * 1000
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["bpemodel"] == "pretrained/full/bpe.model"
+    assert config["token_list"] == ["<blank>", "<unk>", "a", "<sos/eos>"]
+    assert (out / "train.log").read_text() == "INFO: 1epoch results: [valid] acc=0.5\n"
+
+
+def test_packing_refuses_a_large_model_and_an_absolute_path(tmp_path: Path) -> None:
+    base_dir = fake_base(tmp_path / "base", 3 * 2**20)
+    result = pack(tmp_path, base_dir, "pretrained/full", "--max_mb", "2")
+    assert result.returncode != 0 and "is 3.0 MB, more than --max_mb 2.0" in result.stderr
+    assert not (tmp_path / "pretrained" / "full").exists()
+    result = pack(tmp_path, base_dir, str(tmp_path / "abs"))
+    assert result.returncode != 0 and "--out must be relative to the recipe dir" in result.stderr
