@@ -211,9 +211,26 @@ def router_feature_dim(model: nn.Module, options: HdmoleOptions) -> int:
     )
 
 
+def check_router_source(model: nn.Module, options: HdmoleOptions) -> None:
+    """Refuse a router on the encoder's input when ``utterance_mvn`` makes its time mean zero."""
+    normalize = getattr(model, "normalize", None)
+    if (
+        options.router_source == "encoder"
+        and options.router_side == "input"
+        and getattr(normalize, "norm_means", False)
+        and type(normalize).__name__ == "UtteranceMVN"
+    ):
+        raise PeftConfigError(
+            "peft_hdmole: the domain router mean-pools the encoder's input over time, which "
+            "utterance_mvn makes zero in every utterance, so it could not tell domains apart; read it "
+            "from the subsampling output instead (router_source: encoder.embed, router_side: output)"
+        )
+
+
 def attach_hdmole(model: nn.Module, options: HdmoleOptions, adapter_name: str) -> None:
     """Attach the domain router and the hook that adds the auxiliary losses and statistics."""
     options.domain_names(routing_context(model, adapter_name).num_domains)
+    check_router_source(model, options)
     attach_domain_router(
         model,
         router_feature_dim(model, options),

@@ -29,6 +29,7 @@ HDMoLE layer of one adapter; without g every domain gets 1 / M.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,12 +131,13 @@ class DomainRouter(nn.Module):
 
     def route_outputs(self, module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
         """Forward hook: route on the module's output features."""
-        self._route_values(module, list(output) if isinstance(output, tuple | list) else [output])
+        self._route_values(module, [output])
 
     def _route_values(self, module: nn.Module, values: list[Any]) -> None:
-        """Run on the first (B, T, d) tensor of ``values``; lengths from a following (B,) integer
-        tensor, else from a (B, 1, T) boolean padding mask (as ESPnet's encoder layers get)."""
-        tensors = [value for value in values if isinstance(value, torch.Tensor)]
+        """Run on the first (B, T, d) tensor of ``values`` (tuples and lists searched depth first, as
+        ESPnet's subsampling returns ((x, pos_emb), mask) with relative positions); lengths from a
+        (B,) integer tensor, else from a (B, 1, T) boolean padding mask (as ESPnet's layers get)."""
+        tensors = list(_tensors(values))
         dim = self.proj.in_features
         features = next((t for t in tensors if t.dim() == 3 and t.shape[-1] == dim), None)
         if features is None:
@@ -153,6 +155,14 @@ class DomainRouter(nn.Module):
             mask = next((t for t in masks if t.shape == (len(features), 1, features.shape[1])), None)
             lengths = None if mask is None else mask[:, 0].sum(dim=-1)
         self(features, lengths)
+
+
+def _tensors(values: list[Any] | tuple[Any, ...]) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, tuple | list):
+            yield from _tensors(value)
 
 
 def domain_gate(

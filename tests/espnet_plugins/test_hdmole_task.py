@@ -178,3 +178,23 @@ def test_layer_statistics_are_weighted_by_batch_size(tmp_path: Path) -> None:
     assert (tmp_path / "stats" / "valid.1.txt").read_text() == "a.active_experts 1.2500\n"
     statistics.reset()
     assert statistics.means() == {}
+
+
+def test_a_router_on_utterance_normalised_encoder_input_is_refused(tmp_path: Path) -> None:
+    block = [*BLOCK[:-1], "{router_source: encoder, router_side: input}"]
+    with pytest.raises(
+        PeftConfigError, match=r"utterance_mvn makes zero in every utterance.*router_source: encoder\.embed"
+    ):
+        build(tmp_path, *block)
+
+
+def test_a_router_on_the_subsampling_output_tells_utterances_apart(tmp_path: Path) -> None:
+    model = build(tmp_path, *BLOCK[:-1], "{router_source: encoder.embed, router_side: output}")
+    router = domain_router(model)
+    assert router.proj.in_features == 64
+    with torch.no_grad():
+        router.proj.weight.normal_()
+    model.eval()
+    model(**batch([0, 1]))
+    logits = router.context.domain_logits
+    assert logits.shape == (2, 2) and not torch.allclose(logits[0], logits[1], atol=1e-3)

@@ -451,6 +451,41 @@ def test_a_router_source_with_a_padding_mask_pools_the_valid_frames_only():
     torch.testing.assert_close(routing_context(model).domain_logits, expected)
 
 
+class RelativeSubsampling(nn.Module):
+    """Like ESPnet's Conv2dSubsampling with relative positions: returns ((x, pos_emb), mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(8, 8)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return (self.out(x), torch.zeros(1, 2 * x.shape[1] - 1, 8)), mask
+
+
+class WithSubsampling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.block = RelativeSubsampling(), TwoLayers()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        (h, _), mask = self.embed(x, mask)
+        return self.block(h, mask)
+
+
+def test_a_router_on_a_nested_output_finds_its_features_and_padding_mask():
+    model = WithSubsampling()
+    inject_adapters(model, "hdmole", target_modules=["up", "down"], **OPTIONS)
+    router = attach_domain_router(model, feature_dim=8, source_module="embed", source_side="output")
+    with torch.no_grad():
+        router.proj.weight.normal_()
+    x, lengths = torch.randn(3, 5, 8), torch.tensor([5, 2, 4])
+    model(x, (torch.arange(5)[None, :] < lengths[:, None]).unsqueeze(1))
+    expected = router.proj(masked_mean_pool(model.embed.out(x), lengths))
+    torch.testing.assert_close(routing_context(model).domain_logits, expected)
+
+
 def test_a_router_source_without_matching_features_is_refused():
     model = hdmole_model()
     attach_domain_router(model, feature_dim=5, source_module="up")

@@ -176,7 +176,7 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
                 $(printf "${data}/%s_${role} " ${domains})
         done
     fi
-    cut -f6 "${runs}" | grep "/fewshot/" | sort -u | while read -r dir; do
+    cut -f6 "${runs}" | { grep "/fewshot/" || true; } | sort -u | while read -r dir; do
         name=$(basename "${dir}")
         ${python} local/derived_data_dirs.py subset "${dir}" "${data}/${name%_n*}" "${name##*_n}"
     done

@@ -33,6 +33,7 @@ def pack(base_dir: Path, out: Path, max_mb: float) -> None:
         raise SystemExit(f"{model} is {size_mb:.1f} MB, more than --max_mb {max_mb}: use a smaller model")
     config = yaml.safe_load((base_dir / "config.yaml").read_text())
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    staging.chmod(0o755)
     shutil.copyfile(model, staging / "valid.acc.best.pth")
     if config.get("bpemodel"):
         shutil.copyfile(config["bpemodel"], staging / "bpe.model")
