@@ -210,40 +210,25 @@ def test_peft_blocks_hold_the_stated_ranks_and_ratios() -> None:
 
 
 def test_a_peft_file_with_training_options_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "peft.yaml").write_text(
-        yaml.safe_dump({"peft": "lora", "peft_conf": {"target_modules": ["w_1"]}, "max_epoch": 3})
-    )
     tuning = EGS / "myst" / "asr1" / "conf" / "tuning" / "owsm_v3.1_ebf.yaml"
     script = EGS / "myst" / "asr1" / "local" / "finetune_config.py"
-    result = run(
-        [
+
+    def combine(peft: dict) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "peft.yaml").write_text(yaml.safe_dump(peft))
+        command = [
             sys.executable,
             str(script),
             "--tuning",
             str(tuning),
             "--peft",
             str(tmp_path / "peft.yaml"),
-            "--out",
-            str(tmp_path / "out.yaml"),
         ]
-    )
+        return run([*command, "--out", str(tmp_path / "out.yaml")])
+
+    result = combine({"peft": "lora", "peft_conf": {"target_modules": ["w_1"]}, "max_epoch": 3})
     assert result.returncode == 1
     assert "must hold the peft block only" in result.stderr and "['max_epoch']" in result.stderr
-    (tmp_path / "peft.yaml").write_text(
-        yaml.safe_dump({"peft": "lora", "peft_conf": {"target_modules": ["w_1"], "rank": 0}})
-    )
-    result = run(
-        [
-            sys.executable,
-            str(script),
-            "--tuning",
-            str(tuning),
-            "--peft",
-            str(tmp_path / "peft.yaml"),
-            "--out",
-            str(tmp_path / "out.yaml"),
-        ]
-    )
+    result = combine({"peft": "lora", "peft_conf": {"target_modules": ["w_1"], "rank": 0}})
     assert result.returncode == 1
     assert "rank must be a positive integer" in result.stderr
 

@@ -25,10 +25,11 @@ import score  # noqa: E402
         ("a b c d", "b c d a", 2),
     ],
 )
-def test_edit_distance_counts_substitutions_deletions_and_insertions(
+def test_word_errors_count_substitutions_deletions_and_insertions(
     reference: str, hypothesis: str, distance: int
 ) -> None:
-    assert score.edit_distance(reference.split(), hypothesis.split()) == distance
+    wer, _ = score.error_rates({"u": reference}, {"u": hypothesis})
+    assert (wer.errors, wer.length) == (distance, len(reference.split()))
 
 
 def test_error_rates_sum_errors_over_the_split_and_count_missing_hypotheses_as_deletions() -> None:

@@ -66,3 +66,23 @@ def export_merged(work: Path, exp: Path, output_dir: str, *extra: str) -> Path:
     args += ["--output_dir", output_dir, *extra]
     run_module("espnet_plugins.bin.export_merged", args, work, work / f"{output_dir}.log")
     return work / output_dir
+
+
+DECODING = ["--batch_size", "1", "--beam_size", "2", "--ctc_weight", "0.5", "--ngpu", "0"]
+
+
+def decode(
+    work: Path, module: str, config: Path, model: Path, name: str, data: Path, *extra: str
+) -> dict[str, str]:
+    """Hypotheses of ``module`` (an inference entry point) for the utterances of the data dir ``data``."""
+    args = [
+        "--asr_train_config",
+        str(config),
+        "--asr_model_file",
+        str(model),
+        "--output_dir",
+        f"decode/{name}",
+    ]
+    args += ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", *DECODING, *extra]
+    run_module(module, args, work, work / f"decode_{name}.log")
+    return read_text_file(work / "decode" / name / "1best_recog" / "text")

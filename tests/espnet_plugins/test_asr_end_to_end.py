@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, data_args, export_merged, pretrain_base, read_text_file, run_module
+from espnet_runs import REPO, data_args, decode, export_merged, pretrain_base, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
@@ -26,7 +26,6 @@ PRETRAIN_EPOCHS = 20
 ADAPT_EPOCHS = 4
 SSVD_O_CONFIG = REPO / "conf" / "tiny" / "finetune_ssvd_o.yaml"
 TARGETS = ["linear_q", "linear_v", "w_1", "w_2"]
-DECODING = ["--batch_size", "1", "--beam_size", "2", "--ctc_weight", "0.5", "--ngpu", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -76,25 +75,16 @@ def lora(work: Path, pretrained: Path) -> tuple[Path, str]:
     return adapt(work, pretrained, "lora", work / "lora.yaml", "--max_epoch", str(ADAPT_EPOCHS))
 
 
-def decode(work: Path, module: str, config: Path, model: Path, name: str, *extra: str) -> dict[str, str]:
-    args = [
-        "--asr_train_config",
-        str(config),
-        "--asr_model_file",
-        str(model),
-        "--output_dir",
-        f"decode/{name}",
-    ]
-    args += ["--data_path_and_name_and_type", f"{work}/data/test/wav.scp,speech,sound", *DECODING, *extra]
-    run_module(module, args, work, work / f"decode_{name}.log")
-    return read_text_file(work / "decode" / name / "1best_recog" / "text")
-
-
 @pytest.fixture(scope="module")
 def adapted_hypotheses(work: Path, ssvd_o: tuple[Path, str]) -> dict[str, str]:
     exp, _ = ssvd_o
     return decode(
-        work, "espnet_plugins.bin.asr_inference", exp / "config.yaml", exp / "valid.acc.best.pth", "adapted"
+        work,
+        "espnet_plugins.bin.asr_inference",
+        exp / "config.yaml",
+        exp / "valid.acc.best.pth",
+        "adapted",
+        work / "data" / "test",
     )
 
 
@@ -172,6 +162,7 @@ def test_merged_inference_gives_the_same_hypotheses(
         exp / "config.yaml",
         exp / "valid.acc.best.pth",
         "merged",
+        work / "data" / "test",
         "--peft_merge",
         "true",
     )
@@ -185,7 +176,12 @@ def test_exported_model_decodes_the_same_with_stock_espnet(
     config = yaml.safe_load((exported / "config.yaml").read_text())
     assert not [key for key in config if key.startswith("peft")]
     stock = decode(
-        work, "espnet2.bin.asr_inference", exported / "config.yaml", exported / "model.pth", "stock"
+        work,
+        "espnet2.bin.asr_inference",
+        exported / "config.yaml",
+        exported / "model.pth",
+        "stock",
+        work / "data" / "test",
     )
     assert stock == adapted_hypotheses
 

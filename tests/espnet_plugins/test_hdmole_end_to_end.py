@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, data_args, export_merged, pretrain_base, read_text_file, run_module
+from espnet_runs import REPO, data_args, decode, export_merged, pretrain_base, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
@@ -30,7 +30,6 @@ SHIFTS = (1.0, 1.5)
 DOMAINS = ("source", "shifted")
 UNLABELLED_EVERY = 6
 CORPUS_FILES = ("wav.scp", "text", "utt2spk", "speech_shape", "text_shape")
-DECODING = ["--batch_size", "1", "--beam_size", "2", "--ctc_weight", "0.5", "--ngpu", "0"]
 HDMOLE_BLOCK = {
     "peft": "hdmole",
     "peft_conf": {
@@ -124,20 +123,6 @@ def epoch_results(log: str, part: str) -> list[dict[str, float]]:
     """The ``[part]`` statistics of every 'Nepoch results' log line."""
     lines = re.findall(rf"\d+epoch results: .*?\[{part}\](.*?)(?:\[|, time=|$)", log, flags=re.M)
     return [{key: float(value) for key, value in re.findall(r"(\w+)=([0-9.e+-]+)", line)} for line in lines]
-
-
-def decode(work: Path, module: str, config: Path, model: Path, name: str, data: Path) -> dict[str, str]:
-    args = [
-        "--asr_train_config",
-        str(config),
-        "--asr_model_file",
-        str(model),
-        "--output_dir",
-        f"decode/{name}",
-    ]
-    args += ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", *DECODING]
-    run_module(module, args, work, work / f"decode_{name}.log")
-    return read_text_file(work / "decode" / name / "1best_recog" / "text")
 
 
 def test_training_log_holds_the_auxiliary_losses_and_the_loss_decreases(hdmole: tuple[Path, str]) -> None:

@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+import editdistance
 from text_norm import normalize_words
 
 BASE = "base"
@@ -30,17 +31,6 @@ TRAINABLE_LINE = re.compile(r"trainable in all: ([\d,]+) of")
 
 class ScoreError(Exception):
     """Missing inputs; the message names the file and the stage that writes it."""
-
-
-def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
-    """Substitutions + deletions + insertions of the best alignment."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
 
 
 def read_text(path: Path) -> dict[str, str]:
@@ -59,7 +49,7 @@ def word_errors(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> 
     errors = words = 0
     for utt in utts:
         reference = refs[utt].split()
-        errors += edit_distance(reference, normalize_words(hyps.get(utt, "")).split())
+        errors += editdistance.eval(reference, normalize_words(hyps.get(utt, "")).split())
         words += len(reference)
     return errors, words
 

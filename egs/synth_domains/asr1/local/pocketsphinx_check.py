@@ -16,21 +16,11 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+import editdistance
 import numpy as np
 import soundfile as sf
 
 DECODER = None
-
-
-def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
-    """Levenshtein distance between two word sequences (unit costs)."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_word in enumerate(reference, 1):
-        current = [i]
-        for j, hyp_word in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1]
 
 
 def decode(path: str) -> str:
@@ -60,7 +50,7 @@ def sample(utts: list[str], n: int) -> list[str]:
 
 def score(refs: list[str], hyps: list[str]) -> tuple[int, int]:
     """(errors, reference words) summed over utterances."""
-    errors = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps, strict=True))
+    errors = sum(editdistance.eval(r.split(), h.split()) for r, h in zip(refs, hyps, strict=True))
     return errors, sum(len(r.split()) for r in refs)
 
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import editdistance
 from runs import SWEEPS, Run, read_runs
 
 BASE = "base"
@@ -47,17 +48,6 @@ class ErrorRate:
         return 100.0 * self.errors / max(self.length, 1)
 
 
-def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
-    """Substitutions + deletions + insertions of the best alignment."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, start=1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
-
-
 def read_text(path: Path) -> dict[str, str]:
     rows = (line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     return {row[0]: row[1].strip() if len(row) > 1 else "" for row in rows}
@@ -68,9 +58,9 @@ def error_rates(references: dict[str, str], hypotheses: dict[str, str]) -> tuple
     word_errors = word_count = char_errors = char_count = 0
     for utt, reference in references.items():
         hypothesis = hypotheses.get(utt, "")
-        word_errors += edit_distance(reference.split(), hypothesis.split())
+        word_errors += editdistance.eval(reference.split(), hypothesis.split())
         word_count += len(reference.split())
-        char_errors += edit_distance(list(reference), list(hypothesis))
+        char_errors += editdistance.eval(reference, hypothesis)
         char_count += len(reference)
     return ErrorRate(word_errors, word_count), ErrorRate(char_errors, char_count)
 
