@@ -206,8 +206,8 @@ def test_a_sweep_needs_the_main_config_it_varies(tmp_path: Path) -> None:
 def fake_base(base_dir: Path, model_bytes: int) -> Path:
     """A stage-7 output dir: weights, config.yaml with a bpemodel, and a pretraining log."""
     base_dir.mkdir(parents=True)
-    (base_dir / "7epoch.pth").write_bytes(b"w" * model_bytes)
-    (base_dir / "valid.acc.best.pth").symlink_to("7epoch.pth")
+    (base_dir / "valid.acc.ave_10best.pth").write_bytes(b"w" * model_bytes)
+    (base_dir / "valid.acc.ave.pth").symlink_to("valid.acc.ave_10best.pth")
     (base_dir / "bpe.model").write_bytes(b"sentencepiece")
     config = {"token_list": ["<blank>", "<unk>", "a", "<sos/eos>"], "bpemodel": str(base_dir / "bpe.model")}
     (base_dir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -236,10 +236,10 @@ def test_packed_base_is_self_contained_and_relative_to_the_recipe(tmp_path: Path
         "bpe.model",
         "config.yaml",
         "train.log",
-        "valid.acc.best.pth",
+        "valid.acc.ave.pth",
     ]
-    assert not (out / "valid.acc.best.pth").is_symlink()
-    assert (out / "valid.acc.best.pth").read_bytes() == b"w" * 1000
+    assert not (out / "valid.acc.ave.pth").is_symlink()
+    assert (out / "valid.acc.ave.pth").read_bytes() == b"w" * 1000
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["bpemodel"] == "pretrained/full/bpe.model"
     assert config["token_list"] == ["<blank>", "<unk>", "a", "<sos/eos>"]

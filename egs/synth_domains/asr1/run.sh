@@ -6,7 +6,7 @@
 #   stage 4  recognizer check   pocketsphinx WER per domain on each test split        -> ${exp}/pocketsphinx_wer.md
 #   stage 5  tokens             token list (chars or sentencepiece) of source_train  -> ${data}/token_list/<type>/tokens.txt
 #   stage 6  shapes             speech_shape of every data dir (utterance_mvn: no stats) -> ${data}/<split>/speech_shape
-#   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.best.pth
+#   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.ave.pth
 #   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
 #   stage 9  decode             base (zero-shot) and each adapted model on target + source test -> ${exp}/decode/<name>/
 #   stage 10 score              WER, CER, forgetting, cost per (domain, method)        -> ${exp}/results.{md,csv}, .png
@@ -18,7 +18,7 @@
 #                 [--methods "full lora dora pissa ssvd ssvd_o"]    (default: the profile's default_methods)
 #                 [--domains "accent child noisy"]                  (default: all of ${data}/target_domains.txt)
 #                 [--sweeps "budget split fewshot"]                 (default: the profile's default_sweeps; or none)
-#                 [--base_model path/valid.acc.best.pth]            (config.yaml next to it; default ${exp}/base/...)
+#                 [--base_model path/valid.acc.ave.pth]            (config.yaml next to it; default ${exp}/base/...)
 set -euo pipefail
 
 stage=1
@@ -33,7 +33,7 @@ python=""  # default: the project's .venv (path.sh)
 methods=""     # default: default_methods of conf/asr/${profile}/adapters.yaml
 domains=""     # default: ${data}/target_domains.txt
 sweeps=""      # default: default_sweeps of conf/asr/${profile}/adapters.yaml ("none": no sweep)
-base_model=""  # default: ${exp}/base/valid.acc.best.pth (pretrained by stage 7 unless it exists)
+base_model=""  # default: ${exp}/base/valid.acc.ave.pth (pretrained by stage 7 unless it exists)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
@@ -87,7 +87,7 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
 fi
 
 asr_conf=conf/asr/${profile}
-base_model=${base_model:-${profile_base:-${exp}/base/valid.acc.best.pth}}
+base_model=${base_model:-${profile_base:-${exp}/base/valid.acc.ave.pth}}
 read -r token_type bpe_size < <(${python} -c 'import sys, yaml; t = yaml.safe_load(open(sys.argv[1]))["tokens"]; print(t["type"], t.get("size", 0))' "${profile_conf}")
 token_dir=${data}/token_list/${token_type}
 token_list=${token_dir}/tokens.txt
@@ -146,7 +146,7 @@ fi
 
 if [ ${stage} -le 7 ] && [ ${stop_stage} -ge 7 ]; then
     base_dir=$(dirname "${base_model}")
-    if [ "${base_model}" != "${exp}/base/valid.acc.best.pth" ] && [ -f "${base_model}" ]; then
+    if [ "${base_model}" != "${exp}/base/valid.acc.ave.pth" ] && [ -f "${base_model}" ]; then
         log "Stage 7: base model ${base_model} given, reused"
     elif [ -f "${base_dir}/train_stats.json" ]; then
         log "Stage 7: base model ${base_model} exists, reused"

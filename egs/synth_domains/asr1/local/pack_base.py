@@ -1,12 +1,12 @@
 """Pack a pretrained base model (stage 7) into a self-contained directory that can be committed.
 
-    <out>/valid.acc.best.pth   the weights (float32 state dict, as ESPnet saves it)
+    <out>/valid.acc.ave.pth    the weights (float32 state dict: ESPnet's average of the best epochs)
     <out>/config.yaml          the training config (its token list inline), bpemodel pointing into <out>
     <out>/bpe.model            (subword tokens only)
     <out>/train.log            the pretraining log's epoch summaries (valid accuracy per epoch)
 
 The bpemodel path in config.yaml is written relative to the recipe dir (run.sh runs from there), so any run of
-the recipe can pass ``--base_model <out>/valid.acc.best.pth``. Refuses to write a model file larger
+the recipe can pass ``--base_model <out>/valid.acc.ave.pth``. Refuses to write a model file larger
 than ``--max_mb``.
 """
 
@@ -25,16 +25,16 @@ def epoch_summaries(log: Path) -> str:
 
 
 def pack(base_dir: Path, out: Path, max_mb: float) -> None:
-    model = (base_dir / "valid.acc.best.pth").resolve()
+    model = (base_dir / "valid.acc.ave.pth").resolve()
     if not model.is_file():
-        raise SystemExit(f"{base_dir}/valid.acc.best.pth not found: run stage 7 first")
+        raise SystemExit(f"{base_dir}/valid.acc.ave.pth not found: run stage 7 first")
     size_mb = model.stat().st_size / 2**20
     if size_mb > max_mb:
         raise SystemExit(f"{model} is {size_mb:.1f} MB, more than --max_mb {max_mb}: use a smaller model")
     config = yaml.safe_load((base_dir / "config.yaml").read_text())
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     staging.chmod(0o755)
-    shutil.copyfile(model, staging / "valid.acc.best.pth")
+    shutil.copyfile(model, staging / "valid.acc.ave.pth")
     if config.get("bpemodel"):
         shutil.copyfile(config["bpemodel"], staging / "bpe.model")
         config["bpemodel"] = str(out / "bpe.model")
