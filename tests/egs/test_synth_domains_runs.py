@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
@@ -246,10 +247,31 @@ def test_packed_base_is_self_contained_and_relative_to_the_recipe(tmp_path: Path
     assert (out / "train.log").read_text() == "INFO: 1epoch results: [valid] acc=0.5\n"
 
 
+def test_half_packing_stores_float16_that_loads_into_the_float32_model(tmp_path: Path) -> None:
+    base_dir = fake_base(tmp_path / "exp" / "full" / "base", 0)
+    layer = torch.nn.Linear(4, 3)
+    state = {**layer.state_dict(), "steps": torch.tensor([7, 8])}
+    target = (base_dir / "valid.acc.ave.pth").resolve()
+    target.unlink()
+    torch.save(state, target)
+    result = pack(tmp_path, base_dir, "pretrained/full", "--half")
+    assert result.returncode == 0, result.stderr
+    packed = torch.load(tmp_path / "pretrained" / "full" / "valid.acc.ave.pth")
+    assert packed["weight"].dtype == torch.float16 and packed["bias"].dtype == torch.float16
+    assert torch.equal(packed["weight"], state["weight"].half())
+    assert torch.equal(packed["steps"], state["steps"])
+    fresh = torch.nn.Linear(4, 3)
+    fresh.load_state_dict({k: packed[k] for k in ("weight", "bias")})
+    assert fresh.weight.dtype == torch.float32
+    assert torch.allclose(fresh.weight, layer.weight, atol=1e-3)
+    assert not torch.equal(fresh.weight, layer.weight)
+
+
 def test_packing_refuses_a_large_model_and_an_absolute_path(tmp_path: Path) -> None:
     base_dir = fake_base(tmp_path / "base", 3 * 2**20)
     result = pack(tmp_path, base_dir, "pretrained/full", "--max_mb", "2")
-    assert result.returncode != 0 and "is 3.0 MB, more than --max_mb 2.0" in result.stderr
+    assert result.returncode != 0 and "makes a 3.0 MB model file, more than --max_mb 2.0" in result.stderr
+    assert "pass --half" in result.stderr
     assert not (tmp_path / "pretrained" / "full").exists()
     result = pack(tmp_path, base_dir, str(tmp_path / "abs"))
     assert result.returncode != 0 and "--out must be relative to the recipe dir" in result.stderr

@@ -1,12 +1,13 @@
 """Pack a pretrained base model (stage 7) into a self-contained directory that can be committed.
 
-    <out>/valid.acc.ave.pth    the weights (float32 state dict: ESPnet's average of the best epochs)
+    <out>/valid.acc.ave.pth    the weights (ESPnet's average of the best epochs; float16 with --half)
     <out>/config.yaml          the training config (its token list inline), bpemodel pointing into <out>
     <out>/bpe.model            (subword tokens only)
     <out>/train.log            the pretraining log's epoch summaries (valid accuracy per epoch)
 
 The bpemodel path in config.yaml is written relative to the recipe dir (run.sh runs from there), so any run of
-the recipe can pass ``--base_model <out>/valid.acc.ave.pth``. Refuses to write a model file larger
+the recipe can pass ``--base_model <out>/valid.acc.ave.pth``. ``--half`` stores the floating-point tensors
+in float16 (half the size; ESPnet loads them into its float32 model). Refuses to write a model file larger
 than ``--max_mb``.
 """
 
@@ -24,17 +25,31 @@ def epoch_summaries(log: Path) -> str:
     return "".join(line for line in log.read_text().splitlines(keepends=True) if "epoch results" in line)
 
 
-def pack(base_dir: Path, out: Path, max_mb: float) -> None:
+def write_weights(model: Path, target: Path, half: bool) -> None:
+    """Copy the state dict, its floating-point tensors cast to float16 when ``half``."""
+    if not half:
+        shutil.copyfile(model, target)
+        return
+    import torch
+
+    state = torch.load(model, map_location="cpu")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
+
+
+def pack(base_dir: Path, out: Path, max_mb: float, half: bool) -> None:
     model = (base_dir / "valid.acc.ave.pth").resolve()
     if not model.is_file():
         raise SystemExit(f"{base_dir}/valid.acc.ave.pth not found: run stage 7 first")
-    size_mb = model.stat().st_size / 2**20
-    if size_mb > max_mb:
-        raise SystemExit(f"{model} is {size_mb:.1f} MB, more than --max_mb {max_mb}: use a smaller model")
     config = yaml.safe_load((base_dir / "config.yaml").read_text())
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     staging.chmod(0o755)
-    shutil.copyfile(model, staging / "valid.acc.ave.pth")
+    weights = staging / "valid.acc.ave.pth"
+    write_weights(model, weights, half)
+    size_mb = weights.stat().st_size / 2**20
+    if size_mb > max_mb:
+        shutil.rmtree(staging)
+        hint = "use a smaller model" if half else "pass --half or use a smaller model"
+        raise SystemExit(f"{model} makes a {size_mb:.1f} MB model file, more than --max_mb {max_mb}: {hint}")
     if config.get("bpemodel"):
         shutil.copyfile(config["bpemodel"], staging / "bpe.model")
         config["bpemodel"] = str(out / "bpe.model")
@@ -55,11 +70,12 @@ def main() -> None:
         "--out", type=Path, required=True, help="relative to the recipe dir, e.g. pretrained/full"
     )
     parser.add_argument("--max_mb", type=float, default=20.0)
+    parser.add_argument("--half", action="store_true", help="store the weights in float16")
     args = parser.parse_args()
     if args.out.is_absolute():
         raise SystemExit("--out must be relative to the recipe dir: config.yaml refers to it from there")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    pack(args.base_dir, args.out, args.max_mb)
+    pack(args.base_dir, args.out, args.max_mb, args.half)
 
 
 if __name__ == "__main__":
