@@ -18,7 +18,7 @@
 #                 [--methods "full lora dora pissa ssvd ssvd_o"]    (default: the profile's default_methods)
 #                 [--domains "accent child noisy"]                  (default: all of ${data}/target_domains.txt)
 #                 [--sweeps "budget split fewshot"]                 (default: the profile's default_sweeps; or none)
-#                 [--base_model path/valid.acc.ave.pth]            (config.yaml next to it; default ${exp}/base/...)
+#                 [--base_model path/valid.acc.ave.pth]             (config.yaml next to it; default ${exp}/base/...)
 set -euo pipefail
 
 stage=1
