@@ -275,3 +275,18 @@ def test_packing_refuses_a_large_model_and_an_absolute_path(tmp_path: Path) -> N
     assert not (tmp_path / "pretrained" / "full").exists()
     result = pack(tmp_path, base_dir, str(tmp_path / "abs"))
     assert result.returncode != 0 and "--out must be relative to the recipe dir" in result.stderr
+
+
+def test_a_failed_packing_leaves_the_previous_package_and_no_staging_dir(tmp_path: Path) -> None:
+    base_dir = fake_base(tmp_path / "exp" / "full" / "base", 1000)
+    previous = tmp_path / "pretrained" / "full"
+    previous.mkdir(parents=True)
+    (previous / "valid.acc.ave.pth").write_bytes(b"old")
+    result = pack(tmp_path, base_dir, "pretrained/full", "--half")  # the fake weights are no torch file
+    assert result.returncode != 0 and "is not a torch checkpoint" in result.stderr
+    assert [p.name for p in (tmp_path / "pretrained").iterdir()] == ["full"]
+    assert (previous / "valid.acc.ave.pth").read_bytes() == b"old"
+    (base_dir / "bpe.model").unlink()
+    result = pack(tmp_path, base_dir, "pretrained/full")
+    assert result.returncode != 0 and "names bpemodel" in result.stderr and "does not exist" in result.stderr
+    assert [p.name for p in (tmp_path / "pretrained").iterdir()] == ["full"]

@@ -32,7 +32,10 @@ def write_weights(model: Path, target: Path, half: bool) -> None:
         return
     import torch
 
-    state = torch.load(model, map_location="cpu")
+    try:
+        state = torch.load(model, map_location="cpu")
+    except Exception as error:
+        raise SystemExit(f"{model} is not a torch checkpoint ({error}): pass stage 7's output dir") from error
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
 
 
@@ -41,26 +44,43 @@ def pack(base_dir: Path, out: Path, max_mb: float, half: bool) -> None:
     if not model.is_file():
         raise SystemExit(f"{base_dir}/valid.acc.ave.pth not found: run stage 7 first")
     config = yaml.safe_load((base_dir / "config.yaml").read_text())
+    bpemodel = config.get("bpemodel")
+    if bpemodel and not Path(bpemodel).is_file():
+        raise SystemExit(
+            f"{base_dir}/config.yaml names bpemodel {bpemodel}, which does not exist: "
+            "run pack_base.py from the recipe dir, or restore the token list of stage 5"
+        )
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        size_mb = write_package(base_dir, model, config, staging, out, max_mb, half)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    print(f"{out}: {size_mb:.1f} MB model, config.yaml{', bpe.model' if bpemodel else ''}")
+
+
+def write_package(
+    base_dir: Path, model: Path, config: dict, staging: Path, out: Path, max_mb: float, half: bool
+) -> float:
+    """Write the package's files into ``staging``; returns the model file's size in MB."""
     staging.chmod(0o755)
     weights = staging / "valid.acc.ave.pth"
     write_weights(model, weights, half)
     size_mb = weights.stat().st_size / 2**20
     if size_mb > max_mb:
-        shutil.rmtree(staging)
         hint = "use a smaller model" if half else "pass --half or use a smaller model"
         raise SystemExit(f"{model} makes a {size_mb:.1f} MB model file, more than --max_mb {max_mb}: {hint}")
     if config.get("bpemodel"):
         shutil.copyfile(config["bpemodel"], staging / "bpe.model")
-        config["bpemodel"] = str(out / "bpe.model")
+        config = {**config, "bpemodel": str(out / "bpe.model")}
     (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     log = base_dir / "pretrain.log"
     if log.is_file():
         (staging / "train.log").write_text(epoch_summaries(log))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    print(f"{out}: {size_mb:.1f} MB model, config.yaml{', bpe.model' if config.get('bpemodel') else ''}")
+    return size_mb
 
 
 def main() -> None:
