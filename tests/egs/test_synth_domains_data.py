@@ -21,6 +21,7 @@ sys.path.insert(0, str(RECIPE / "local"))
 
 import noise  # noqa: E402
 import pocketsphinx_check  # noqa: E402
+import synthesize  # noqa: E402
 import voice_transforms  # noqa: E402
 
 KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2domain")
@@ -195,3 +196,31 @@ def test_pocketsphinx_table_has_a_wer_per_domain(recipe_root: Path) -> None:
     domains = {cells[1].strip(): float(cells[4]) for cells in rows if len(cells) == 5}
     assert set(domains) == {"source", *TARGETS}
     assert domains["child"] > domains["source"] and domains["noisy"] > domains["source"]
+
+
+def test_synthesis_forgets_wavs_whose_plan_changed_or_was_never_stored(tmp_path: Path) -> None:
+    def row(utt: str, text: str, babble: list[str] | None = None) -> dict:
+        noise = {"kind": "babble", "babble": babble} if babble else None
+        return {"utt": utt, "split": "s", "text": text, "noise": noise}
+
+    stored = [
+        row("kept", "a b c"),
+        row("edited", "a b c"),
+        row("talker", "x y z"),
+        row("mixed", "m", ["talker"]),
+    ]
+    (tmp_path / "plan").mkdir()
+    (tmp_path / "plan" / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+    (tmp_path / "s").mkdir()
+    for utt in ("kept", "edited", "talker", "mixed", "unplanned"):  # "unplanned": left by a larger plan
+        (tmp_path / "s" / f"{utt}.wav").write_bytes(b"RIFF")
+    synthesize.initialise({}, tmp_path)
+    current = [
+        row("kept", "a b c"),
+        row("edited", "d e f"),
+        row("talker", "x y w"),
+        row("mixed", "m", ["talker"]),
+        row("unplanned", "g h i"),
+    ]
+    synthesize.forget_changed(current)
+    assert sorted(p.stem for p in (tmp_path / "s").iterdir()) == ["kept"]

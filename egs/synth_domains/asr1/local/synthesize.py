@@ -1,9 +1,10 @@
 """Stage 2: synthesize every planned utterance to <synth_dir>/<split>/<utt>.wav (16 kHz, mono, 16 bit).
 
 Babble talkers are synthesized first (the noisy domain mixes them in). Work is spread over --nj
-processes; an utterance whose wav exists is skipped, and a wav appears only once complete, so an
-interrupted run resumes where it stopped. The plan of every split is written as JSON lines to
-<synth_dir>/plan/<split>.jsonl and is what stage 3 reads.
+processes; an utterance whose wav exists is skipped (a wav whose plan changed, or has no stored plan,
+is deleted first), and a wav appears only once complete, so an interrupted run resumes where it
+stopped. The plan of every split is written as JSON lines to <synth_dir>/plan/<split>.jsonl and is
+what stage 3 reads.
 """
 
 from __future__ import annotations
@@ -80,17 +81,19 @@ def synthesize_one(row: dict) -> tuple[float, bool]:
 
 
 def forget_changed(rows: list[dict]) -> None:
-    """Delete the wav of every utterance whose plan differs from the stored one (or mixes in such babble)."""
+    """Delete the wav of every utterance whose plan differs from the stored one, has no stored plan (a wav
+    left by an earlier, larger plan), or mixes in such babble."""
     old = {}
     for path in (SYNTH_DIR / "plan").glob("*.jsonl"):
         old.update((r["utt"], r) for r in map(json.loads, path.read_text().splitlines()))
-    changed = {row["utt"] for row in rows if row["utt"] in old and old[row["utt"]] != row}
+    changed = {row["utt"] for row in rows if old.get(row["utt"]) != row}
     changed |= {row["utt"] for row in rows if row["noise"] and changed.intersection(row["noise"]["babble"])}
-    for row in rows:
-        if row["utt"] in changed:
-            wav_path(SYNTH_DIR, row).unlink(missing_ok=True)
-    if changed:
-        print(f"{len(changed)} utterances changed since the last run: they are synthesized again")
+    stale = [wav_path(SYNTH_DIR, row) for row in rows if row["utt"] in changed]
+    stale = [path for path in stale if path.exists()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"{len(stale)} wavs do not match the current plan: they are synthesized again")
 
 
 def initialise(conf: dict, synth_dir: Path) -> None:
