@@ -21,6 +21,7 @@ sys.path.insert(0, str(RECIPE / "local"))
 
 import noise  # noqa: E402
 import pocketsphinx_check  # noqa: E402
+import prepare_text  # noqa: E402
 import synthesize  # noqa: E402
 import voice_transforms  # noqa: E402
 
@@ -196,6 +197,25 @@ def test_pocketsphinx_table_has_a_wer_per_domain(recipe_root: Path) -> None:
     domains = {cells[1].strip(): float(cells[4]) for cells in rows if len(cells) == 5}
     assert set(domains) == {"source", *TARGETS}
     assert domains["child"] > domains["source"] and domains["noisy"] > domains["source"]
+
+
+def test_fragments_are_the_runs_of_vocabulary_words_cut_into_equal_parts() -> None:
+    words = ["the", "cat", "sat", "on", "the", "mat", "with", "a", "very", "old", "hat"]
+    runs = list(prepare_text.word_runs(words, {"the", "cat", "sat", "on", "mat", "old", "hat"}))
+    assert runs == [["the", "cat", "sat", "on", "the", "mat"], ["old", "hat"]]
+    assert prepare_text.fragments(list("abcde"), 3, 10) == [list("abcde")]
+    assert prepare_text.fragments(list("abcdefghijkl"), 3, 10) == [list("abcdef"), list("ghijkl")]
+    assert prepare_text.fragments(list("abcdefghijk"), 3, 5) == [list("abcd"), list("efgh"), list("ijk")]
+    assert prepare_text.fragments(list("ab"), 3, 10) == []
+
+
+def test_fragment_selection_keeps_only_vocabulary_words_and_more_utterances() -> None:
+    pool = [s.split() for s in ["a b c x a b", "a b c d", "c d y z b c d a b c a", "w a b c"]]
+    vocab, kept = prepare_text.select(pool, 4, 3, 4, cut_fragments=False)
+    assert vocab == ["a", "b", "c", "d"] and kept == ["a b c d"]
+    vocab, kept = prepare_text.select(pool, 4, 3, 4, cut_fragments=True)
+    assert kept == ["a b c", "a b c d", "b c a", "b c d a"]
+    assert all(set(k.split()) <= set(vocab) for k in kept)
 
 
 def test_synthesis_forgets_wavs_whose_plan_changed_or_was_never_stored(tmp_path: Path) -> None:

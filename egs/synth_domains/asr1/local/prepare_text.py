@@ -2,7 +2,11 @@
 
 Pool = WordNet gloss examples (wordnet-base) + fortune sentences (fortunes, fortunes-min). Each sentence
 is lower-cased and stripped of punctuation; it is kept when it has min_words..max_words words, all of
-them among the vocab_size most frequent words of the pool. The de-duplicated pool is shuffled (seed)
+them among the vocab_size most frequent words of the pool. With ``fragments`` (full, quick) a sentence
+is instead cut at every word outside the vocabulary, and each run of in-vocabulary words becomes
+utterances: the whole run when it has min_words..max_words words, a longer run in equal consecutive
+parts of at most max_words. Fragments give many more distinct utterances over a small vocabulary, so a
+small model hears each word often enough to learn it. The de-duplicated pool is shuffled (seed)
 and cut into the splits of the profile plus the babble text: every split's text is disjoint from every
 other's (each test set from all training and adaptation text). With closed_vocabulary (quick, full)
 every word of every split but the babble occurs in source_train, so a small model can learn the source
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import random
 import re
 from collections.abc import Iterator
@@ -61,18 +66,48 @@ def normalise(sentence: str) -> list[str] | None:
     return words
 
 
+def word_runs(words: list[str], allowed: set[str]) -> Iterator[list[str]]:
+    """The maximal runs of consecutive words of ``words`` that are all in ``allowed``."""
+    run: list[str] = []
+    for word in words:
+        if word in allowed:
+            run.append(word)
+        elif run:
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def fragments(run: list[str], min_words: int, max_words: int) -> list[list[str]]:
+    """``run`` as it is, or cut into ceil(len / max_words) equal consecutive parts; parts shorter than
+    min_words are dropped."""
+    parts = math.ceil(len(run) / max_words)
+    size = math.ceil(len(run) / parts)
+    return [run[i : i + size] for i in range(0, len(run), size) if len(run[i : i + size]) >= min_words]
+
+
 def select(
-    pool: list[list[str]], vocab_size: int, min_words: int, max_words: int
+    pool: list[list[str]], vocab_size: int, min_words: int, max_words: int, cut_fragments: bool
 ) -> tuple[list[str], list[str]]:
-    """(vocabulary: the vocab_size most frequent words, sorted sentences made only of those words)."""
+    """(vocabulary: the vocab_size most frequent words, sorted utterances made only of those words):
+    the pool sentences of min_words..max_words words, or with ``cut_fragments`` their fragments."""
     counts = collections.Counter(w for words in pool for w in words)
     vocab = [w for w, _ in counts.most_common(vocab_size)]
     allowed = set(vocab)
-    kept = {
-        " ".join(words)
-        for words in pool
-        if min_words <= len(words) <= max_words and allowed.issuperset(words)
-    }
+    if cut_fragments:
+        kept = {
+            " ".join(part)
+            for words in pool
+            for run in word_runs(words, allowed)
+            for part in fragments(run, min_words, max_words)
+        }
+    else:
+        kept = {
+            " ".join(words)
+            for words in pool
+            if min_words <= len(words) <= max_words and allowed.issuperset(words)
+        }
     return sorted(vocab), sorted(kept)
 
 
@@ -109,7 +144,13 @@ def main() -> None:
     profile = yaml.safe_load(args.profile.read_text())
 
     pool = [w for s in [*wordnet_examples(), *fortune_sentences()] if (w := normalise(s))]
-    vocab, sentences = select(pool, profile["vocab_size"], profile["min_words"], profile["max_words"])
+    vocab, sentences = select(
+        pool,
+        profile["vocab_size"],
+        profile["min_words"],
+        profile["max_words"],
+        profile.get("fragments", False),
+    )
     random.Random(profile["seed"]).shuffle(sentences)
     sizes = {**profile["splits"], "babble": profile["babble_sentences"]}
     splits = cut(sentences, sizes, profile["closed_vocabulary"])
@@ -118,6 +159,7 @@ def main() -> None:
         "pool_sentences": len(pool),
         "frequent_words": len(vocab),
         "eligible_sentences": len(sentences),
+        "fragments": profile.get("fragments", False),
         "closed_vocabulary": profile["closed_vocabulary"],
         "task_vocab_size": len(task_vocab),
     }
@@ -128,7 +170,8 @@ def main() -> None:
     (args.out / "vocab.txt").write_text("".join(w + "\n" for w in task_vocab))
     (args.out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(
-        f"{len(sentences)} sentences use only the {len(vocab)} most frequent words; the task vocabulary "
+        f"{len(sentences)} {'fragments' if profile.get('fragments') else 'sentences'} use only the "
+        f"{len(vocab)} most frequent words; the task vocabulary "
         f"(words of source_train) has {len(task_vocab)} words; wrote {len(splits)} splits to {args.out}"
     )
 
