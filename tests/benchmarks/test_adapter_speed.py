@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -84,10 +83,15 @@ def test_every_repeat_runs_each_step_once_in_a_changing_order():
     assert len(set(rounds[1:])) > 1, "the order changes between repeats"
 
 
-def test_steps_repeat_until_the_time_budget_is_spent():
-    steps = {"slow": lambda: time.sleep(0.002)}
-    _, repeats = bench.median_step_seconds(steps, warmup=0, repeats=2, min_seconds=0.03)
-    assert repeats >= 10
+def test_steps_repeat_until_the_time_budget_is_spent(monkeypatch):
+    clock = [0.0]  # a fake clock: each step takes exactly 1/512 s (exact in binary), whatever the load
+
+    def step() -> None:
+        clock[0] += 1 / 512
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    medians, repeats = bench.median_step_seconds({"slow": step}, warmup=0, repeats=2, min_seconds=15 / 512)
+    assert repeats == 15 and medians["slow"] == 1 / 512
 
 
 def measurement(name: str, ms: float, adapter_mb: float, trainable: int = 1) -> object:
