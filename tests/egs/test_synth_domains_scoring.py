@@ -50,3 +50,24 @@ def test_forgetting_is_source_wer_minus_the_base_source_wer() -> None:
     base_row = score.row("child", "base", 0, target, base, base, None)
     assert base_row["forgetting (source WER change)"] == 0.0
     assert base_row["train seconds"] == base_row["peak memory MB"] == ""
+
+
+def test_share_of_full_fine_tuning_gain_is_measured_from_the_base_of_the_same_domain() -> None:
+    def result(domain: str, method: str, target_wer: float) -> dict[str, object]:
+        return {"domain": domain, "method": method, "target WER": target_wer}
+
+    main = [
+        result("child", "base", 80.0), result("child", "full", 40.0), result("child", "lora", 60.0),
+        result("noisy", "base", 50.0), result("noisy", "full", 55.0), result("noisy", "lora", 45.0),
+        result("accent", "base", 30.0), result("accent", "ssvd", 25.0),
+    ]  # fmt: skip
+    score.fill_gain_shares(main, main)
+    shares = {(r["domain"], r["method"]): r[score.GAIN_SHARE] for r in main}
+    assert shares[("child", "full")] == 100.0
+    assert shares[("child", "lora")] == 50.0
+    assert shares[("child", "base")] == ""
+    assert shares[("noisy", "lora")] == ""  # full fine-tuning made noisy worse: no gain to share
+    assert shares[("accent", "ssvd")] == ""  # no full fine-tuning on accent
+    sweep = [result("child", "lora", 90.0)]
+    score.fill_gain_shares(sweep, main)
+    assert sweep[0][score.GAIN_SHARE] == -25.0  # worse than the base

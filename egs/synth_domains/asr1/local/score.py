@@ -3,6 +3,9 @@
     WER = (S + D + I) / N over all words of a test split (word-level Levenshtein alignment)
     CER = the same over characters, spaces included (ESPnet's char tokens count <space>)
     forgetting = source WER after adaptation - source WER of the base model (zero-shot)
+    share of full-FT gain = 100 (WER_base - WER) / (WER_base - WER_full) on the same target test
+                            (how much of full fine-tuning's improvement a method gets; empty when
+                            full fine-tuning did not improve on the base or did not run)
 
 Runs come from ``runs.tsv`` (local/finetune_configs.py). Main table: per target domain, the base model
 (zero-shot) and every main run tested on it (HDMoLE, trained once on all domains, on each): written
@@ -25,9 +28,11 @@ import editdistance
 from runs import SWEEPS, Run, read_runs
 
 BASE = "base"
+FULL = "full"
+GAIN_SHARE = "share of full-FT gain %"
 COLUMNS = (
-    "domain", "method", "trainable params", "target WER", "target CER", "source WER", "source CER",
-    "forgetting (source WER change)", "train seconds", "peak memory MB",
+    "domain", "method", "trainable params", "target WER", "target CER", GAIN_SHARE,
+    "source WER", "source CER", "forgetting (source WER change)", "train seconds", "peak memory MB",
 )  # fmt: skip
 SWEEP_COLUMNS = ("sweep", "value", *COLUMNS)
 SWEEP_AXES = {
@@ -133,6 +138,19 @@ def sweep_rows(scorer: Scorer, runs: list[Run], main_settings: dict[str, str]) -
     return rows
 
 
+def fill_gain_shares(rows: list[dict[str, object]], main_rows: list[dict[str, object]]) -> None:
+    """Set each row's share of full fine-tuning's gain over the base on its domain, from the base and
+    ``full`` rows of ``main_rows``: 100 (WER_base - WER) / (WER_base - WER_full); empty for the base
+    and where full fine-tuning did not run or did not improve on the base."""
+    target_wer = {(r["domain"], r["method"]): float(r["target WER"]) for r in main_rows}
+    for r in rows:
+        base = target_wer.get((r["domain"], BASE))
+        full = target_wer.get((r["domain"], FULL))
+        r[GAIN_SHARE] = ""
+        if r["method"] != BASE and base is not None and full is not None and base > full:
+            r[GAIN_SHARE] = round(100.0 * (base - float(r["target WER"])) / (base - full), 1)
+
+
 def row(
     domain: str,
     method: str,
@@ -142,9 +160,10 @@ def row(
     base_source: tuple[ErrorRate, ErrorRate],
     stats: dict[str, float] | None,
 ) -> dict[str, object]:
-    """One table row from (WER, CER) pairs; train seconds and peak memory are empty for the base."""
+    """One table row from (WER, CER) pairs; train seconds and peak memory are empty for the base, the
+    share of full fine-tuning's gain is filled in later (fill_gain_shares)."""
     values = (
-        domain, method, trainable, round(target[0].percent, 2), round(target[1].percent, 2),
+        domain, method, trainable, round(target[0].percent, 2), round(target[1].percent, 2), "",
         round(source[0].percent, 2), round(source[1].percent, 2),
         round(source[0].percent - base_source[0].percent, 2),
         "" if stats is None else stats["seconds"], "" if stats is None else stats["peak_memory_mb"],
@@ -230,12 +249,14 @@ def main() -> None:
     scorer = Scorer(args.data, args.exp)
     runs = read_runs(args.runs)
     rows = result_rows(scorer, runs, domains)
+    fill_gain_shares(rows, rows)
     write_csv(rows, COLUMNS, args.exp / "results.csv")
     (args.exp / "results.md").write_text(markdown(rows, f"Learning vs forgetting: {args.exp}"))
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
     print((args.exp / "results.md").read_text())
     main_settings = json.loads((args.runs.parent / "main_settings.json").read_text())
     swept = sweep_rows(scorer, runs, main_settings)
+    fill_gain_shares(swept, rows)
     if swept:
         write_csv(swept, SWEEP_COLUMNS, args.exp / "sweeps.csv")
         (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}"))
