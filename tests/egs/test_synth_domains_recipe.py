@@ -135,8 +135,10 @@ def test_sweep_table_has_each_sweep_with_its_main_point(exp: Path) -> None:
 
 
 def test_markdown_table_and_plot_are_written(exp: Path, rows: list[dict[str, str]]) -> None:
-    table = [line for line in (exp / "results.md").read_text().splitlines() if line.startswith("|")]
+    text = (exp / "results.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
+    assert f"Base model (the zero-shot rows, the start of every run): `{exp}/base/valid.acc.ave.pth`" in text
     assert "| domain | method | trainable params | target WER |" in table[0]
     plot = exp / "learning_vs_forgetting.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000

@@ -250,7 +250,8 @@ fi
 
 if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
     log "Stage 10: score -> ${exp}/results.{md,csv}, ${exp}/learning_vs_forgetting.png and the sweeps"
-    ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}"
+    ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}" \
+        --base_model "${base_model}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

@@ -178,9 +178,10 @@ def write_csv(rows: list[dict[str, object]], columns: tuple[str, ...], path: Pat
         writer.writerows(rows)
 
 
-def markdown(rows: list[dict[str, object]], title: str) -> str:
+def markdown(rows: list[dict[str, object]], title: str, base_model: str) -> str:
     columns = list(rows[0])
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines = [f"# {title}", "", f"Base model (the zero-shot rows, the start of every run): `{base_model}`", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
         cells = [f"{value:,}" if isinstance(value, int) else str(value) or "-" for value in r.values()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -244,6 +245,7 @@ def main() -> None:
     parser.add_argument("--exp", type=Path, required=True, help="experiment dir of the run")
     parser.add_argument("--runs", type=Path, required=True, help="runs.tsv of local/finetune_configs.py")
     parser.add_argument("--domains", required=True, help="target domains, space-separated")
+    parser.add_argument("--base_model", required=True, help="the base model's file (named in the tables)")
     args = parser.parse_args()
     domains = args.domains.split()
     scorer = Scorer(args.data, args.exp)
@@ -251,15 +253,16 @@ def main() -> None:
     rows = result_rows(scorer, runs, domains)
     fill_gain_shares(rows, rows)
     write_csv(rows, COLUMNS, args.exp / "results.csv")
-    (args.exp / "results.md").write_text(markdown(rows, f"Learning vs forgetting: {args.exp}"))
+    table = markdown(rows, f"Learning vs forgetting: {args.exp}", args.base_model)
+    (args.exp / "results.md").write_text(table)
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
-    print((args.exp / "results.md").read_text())
+    print(table)
     main_settings = json.loads((args.runs.parent / "main_settings.json").read_text())
     swept = sweep_rows(scorer, runs, main_settings)
     fill_gain_shares(swept, rows)
     if swept:
         write_csv(swept, SWEEP_COLUMNS, args.exp / "sweeps.csv")
-        (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}"))
+        (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}", args.base_model))
         plot_sweeps(swept, args.exp / "sweeps.png")
         print((args.exp / "sweeps.md").read_text())
 
