@@ -218,7 +218,7 @@ def test_fragment_selection_keeps_only_vocabulary_words_and_more_utterances() ->
     assert all(set(k.split()) <= set(vocab) for k in kept)
 
 
-def test_synthesis_forgets_wavs_whose_plan_changed_or_was_never_stored(tmp_path: Path) -> None:
+def test_synthesis_forgets_wavs_whose_plan_changed_was_never_stored_or_is_gone(tmp_path: Path) -> None:
     def row(utt: str, text: str, babble: list[str] | None = None) -> dict:
         noise = {"kind": "babble", "babble": babble} if babble else None
         return {"utt": utt, "split": "s", "text": text, "noise": noise}
@@ -232,7 +232,10 @@ def test_synthesis_forgets_wavs_whose_plan_changed_or_was_never_stored(tmp_path:
     (tmp_path / "plan").mkdir()
     (tmp_path / "plan" / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
     (tmp_path / "s").mkdir()
-    for utt in ("kept", "edited", "talker", "mixed", "unplanned"):  # "unplanned": left by a larger plan
+    (tmp_path / "other").mkdir()  # a split this plan does not synthesize: left alone
+    (tmp_path / "other" / "x.wav").write_bytes(b"RIFF")
+    # "unplanned": left by a larger plan; "dropped": an utterance id the current plan no longer has
+    for utt in ("kept", "edited", "talker", "mixed", "unplanned", "dropped"):
         (tmp_path / "s" / f"{utt}.wav").write_bytes(b"RIFF")
     synthesize.initialise({}, tmp_path)
     current = [
@@ -244,3 +247,4 @@ def test_synthesis_forgets_wavs_whose_plan_changed_or_was_never_stored(tmp_path:
     ]
     synthesize.forget_changed(current)
     assert sorted(p.stem for p in (tmp_path / "s").iterdir()) == ["kept"]
+    assert (tmp_path / "other" / "x.wav").exists()

@@ -82,7 +82,8 @@ def synthesize_one(row: dict) -> tuple[float, bool]:
 
 def forget_changed(rows: list[dict]) -> None:
     """Delete the wav of every utterance whose plan differs from the stored one, has no stored plan (a wav
-    left by an earlier, larger plan), or mixes in such babble."""
+    left by an earlier, larger plan), or mixes in such babble; and every wav in a planned split's
+    directory that the plan no longer has (an utterance id of an earlier plan, e.g. another voice)."""
     old = {}
     for path in (SYNTH_DIR / "plan").glob("*.jsonl"):
         old.update((r["utt"], r) for r in map(json.loads, path.read_text().splitlines()))
@@ -90,10 +91,15 @@ def forget_changed(rows: list[dict]) -> None:
     changed |= {row["utt"] for row in rows if row["noise"] and changed.intersection(row["noise"]["babble"])}
     stale = [wav_path(SYNTH_DIR, row) for row in rows if row["utt"] in changed]
     stale = [path for path in stale if path.exists()]
-    for path in stale:
+    planned = {wav_path(SYNTH_DIR, row) for row in rows}
+    split_dirs = {SYNTH_DIR / row["split"] for row in rows}
+    unplanned = [path for d in split_dirs if d.is_dir() for path in d.glob("*.wav") if path not in planned]
+    for path in stale + unplanned:
         path.unlink()
     if stale:
         print(f"{len(stale)} wavs do not match the current plan: they are synthesized again")
+    if unplanned:
+        print(f"{len(unplanned)} wavs of utterances no longer planned: deleted")
 
 
 def initialise(conf: dict, synth_dir: Path) -> None:
