@@ -124,6 +124,14 @@ def test_combined_dir_keeps_every_utterance_and_its_domain(tmp_path: Path) -> No
         derived_data_dirs.combine(tmp_path / "twice", [accent, accent])
 
 
+def test_a_stale_speech_shape_is_refused_with_the_stage_to_rerun(tmp_path: Path) -> None:
+    accent = data_dir(tmp_path / "accent_adapt", {"x": 2}, "accent")
+    (accent / "speech_shape").write_text("x-0 16000\nold-utt 16000\n")  # written before wav.scp changed
+    with pytest.raises(SystemExit, match=r"speech_shape lacks 1 utterances .* \(e.g. x-1\): .* run stage 6"):
+        derived_data_dirs.combine(tmp_path / "combined", [accent])
+    assert not (tmp_path / "combined").exists()
+
+
 def write_base_config(path: Path) -> Path:
     """config.yaml of a small ESPnet Transformer ASR model: ESPnet's defaults plus the model options."""
     from espnet2.tasks.asr import ASRTask

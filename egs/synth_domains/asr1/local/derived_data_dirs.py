@@ -31,7 +31,15 @@ def read_table(path: Path) -> dict[str, str]:
 def read_dir(path: Path) -> dict[str, dict[str, str]]:
     if not (path / "wav.scp").is_file():
         raise SystemExit(f"{path} is not a data dir (no wav.scp): run stages 1-6 first")
-    return {name: read_table(path / name) for name in UTTERANCE_FILES if (path / name).is_file()}
+    tables = {name: read_table(path / name) for name in UTTERANCE_FILES if (path / name).is_file()}
+    for name, table in tables.items():
+        missing = tables["wav.scp"].keys() - table.keys()
+        if missing:
+            raise SystemExit(
+                f"{path / name} lacks {len(missing)} utterances of {path / 'wav.scp'} (e.g. {min(missing)}): "
+                "it is older than the data dir; run stage 6 (speech_shape) or stages 3-6 again"
+            )
+    return tables
 
 
 def write_dir(out: Path, tables: dict[str, dict[str, str]], utts: list[str]) -> None:
