@@ -205,6 +205,24 @@ def test_every_peft_config_trains_the_budget_and_hdmole_that_of_all_domains(tmp_
     assert yaml.safe_load((conf / "main_settings.json").read_text()) == {"budget": "8", "split": "0.25"}
 
 
+def test_each_method_trains_with_its_own_options_over_the_shared_ones(tmp_path: Path) -> None:
+    assert plan_runs(tmp_path, "full lora ssvd ssvd_o", "budget split").returncode == 0
+    conf = tmp_path / "conf"
+    shared = yaml.safe_load((RECIPE / "conf" / "asr" / "ci" / "finetune.yaml").read_text())
+    training = yaml.safe_load((RECIPE / "conf" / "asr" / "full" / "adapters.yaml").read_text())["training"]
+    assert set(training) == {"full", "ssvd", "ssvd_o"}
+
+    def lr(config: str) -> float:
+        return yaml.safe_load((conf / f"{config}.yaml").read_text())["optim_conf"]["lr"]
+
+    assert lr("lora") == lr("lora@b32") == shared["optim_conf"]["lr"]
+    for method in ("full", "ssvd", "ssvd_o"):
+        assert lr(method) == training[method]["optim_conf"]["lr"] != shared["optim_conf"]["lr"]
+    assert lr("ssvd@b2") == training["ssvd"]["optim_conf"]["lr"]  # the sweeps' configs too
+    assert lr("ssvd_o@outer0.5") == training["ssvd_o"]["optim_conf"]["lr"]
+    assert yaml.safe_load((conf / "ssvd.yaml").read_text())["max_epoch"] == shared["max_epoch"]
+
+
 def test_a_sweep_needs_the_main_config_it_varies(tmp_path: Path) -> None:
     result = plan_runs(tmp_path, "lora", "split")
     assert result.returncode != 0 and "add ['ssvd_o'] to --methods" in result.stderr

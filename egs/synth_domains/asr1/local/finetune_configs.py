@@ -5,6 +5,8 @@ list of runs (``runs.tsv``) that stages 8-10 work through.
 base's model options (``config.yaml`` next to the base model) plus the fine-tuning options.
 ``<method>.yaml`` (lora, dora, pissa, ssvd, ssvd_o, hdmole) holds the fine-tuning options and a
 ``peft:`` block for ``espnet_plugins.bin.asr_train``, which takes the model options from the base.
+The fine-tuning options are the finetune file's, with the top-level keys of the adapters file's
+``training.<method>`` (e.g. a method's own ``optim_conf``) in place of its.
 The budget B is the trainable count of the adapters file's ``budget`` entry (a method at a rank or
 k) on the base model; each method's rank or k is the one whose count is closest to B.
 
@@ -92,13 +94,13 @@ class Planner:
         self.runs: list[Run] = []
 
     def write_config(self, name: str, method: str, block: dict[str, Any] | None) -> str:
+        training = {**self.finetune, **((self.adapters.get("training") or {}).get(method) or {})}
         if method == "full":
             config = {key: self.base[key] for key in MODEL_KEYS if key in self.base}
-            config.update(self.finetune)
-            config.update(self.adapters.get("full") or {})
+            config.update(training)
             self.trainable[name] = sum(parameter.numel() for parameter in self.model.parameters())
         else:
-            config = {"peft": method, "peft_conf": block, "peft_save": "adapter", **self.finetune}
+            config = {"peft": method, "peft_conf": block, "peft_save": "adapter", **training}
             if method == "hdmole":
                 config["peft_hdmole"] = {**self.adapters.get("peft_hdmole", {}), "domains": self.domains}
             self.trainable[name] = estimate_budget(self.model, method, **block).trainable
