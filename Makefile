@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(RECIPE_DEPS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ssvd-peft showcase
+	bash egs/synth_domains/asr1/run.sh --profile quick
 
 test: $(STAMP)
 	$(BIN)/ruff check .
