@@ -211,13 +211,15 @@ def plot(rows: list[dict[str, object]], domains: list[str], path: Path) -> None:
 
 
 def plot_sweeps(rows: list[dict[str, object]], path: Path) -> None:
-    """Target WER against the swept value, one line per (domain, method), one panel per sweep."""
+    """Target WER against the swept value, one line per (domain, method), one panel per sweep; a method
+    has the same colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sweeps = list(dict.fromkeys(str(r["sweep"]) for r in rows))
+    colors = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(r["method"] for r in rows))}
     figure, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 4.0), squeeze=False)
     for axis, sweep in zip(axes[0], sweeps, strict=True):
         rows_of_sweep = [r for r in rows if r["sweep"] == sweep]
@@ -226,7 +228,7 @@ def plot_sweeps(rows: list[dict[str, object]], path: Path) -> None:
             x = [float(r["trainable params"] if sweep == "budget" else r["value"]) for r in line]
             order = sorted(range(len(x)), key=x.__getitem__)
             axis.plot([x[i] for i in order], [line[i]["target WER"] for i in order], marker="o",
-                      label=f"{method} ({domain})")  # fmt: skip
+                      color=colors[method], label=f"{method} ({domain})")  # fmt: skip
         axis.set_xlabel(SWEEP_AXES[sweep])
         if sweep != "split":
             axis.set_xscale("log")
