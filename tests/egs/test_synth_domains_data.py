@@ -19,6 +19,7 @@ import soundfile as sf
 RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
 sys.path.insert(0, str(RECIPE / "local"))
 
+import make_data_dirs  # noqa: E402
 import noise  # noqa: E402
 import pocketsphinx_check  # noqa: E402
 import prepare_text  # noqa: E402
@@ -248,3 +249,18 @@ def test_synthesis_forgets_wavs_whose_plan_changed_was_never_stored_or_is_gone(t
     synthesize.forget_changed(current)
     assert sorted(p.stem for p in (tmp_path / "s").iterdir()) == ["kept"]
     assert (tmp_path / "other" / "x.wav").exists()
+
+
+def test_rewriting_a_data_dir_drops_the_shapes_and_durations_of_its_old_utterances(tmp_path: Path) -> None:
+    def write(utts: list[str], utt2dur: dict | None) -> None:
+        table = {u: f"/audio/{u}.wav" for u in utts}
+        make_data_dirs.write_data_dir(
+            tmp_path, table, dict.fromkeys(utts, "a b"), {u: u.split("-")[0] for u in utts}, "accent", utt2dur
+        )
+
+    write(["joe-0", "joe-1"], {"joe-0": "1.0", "joe-1": "2.0"})
+    (tmp_path / "speech_shape").write_text("joe-0 16000\njoe-1 32000\n")  # stage 6
+    write(["joe-0", "joe-1"], {"joe-0": "1.0", "joe-1": "2.0"})  # same utterances: kept
+    assert (tmp_path / "speech_shape").exists()
+    write(["joe-0", "joe3-1"], None)  # another voice for the second utterance; durations unknown
+    assert not (tmp_path / "speech_shape").exists() and not (tmp_path / "utt2dur").exists()

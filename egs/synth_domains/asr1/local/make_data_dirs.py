@@ -54,6 +54,11 @@ def write_data_dir(
     write_table(out / "utt2domain", dict.fromkeys(wav, domain))
     if utt2dur is not None:
         write_table(out / "utt2dur", utt2dur)
+    for name in ("utt2dur", "speech_shape"):  # left by an earlier version of this dir: stage 6 remakes it
+        path = out / name
+        if path.is_file() and read_table(path).keys() != wav.keys():
+            path.unlink()
+            print(f"{path}: other utterances than the new wav.scp: deleted (stage 6 writes speech_shape)")
 
 
 def synthetic_split(synth_dir: Path, split: str, out: Path) -> None:
