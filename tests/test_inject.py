@@ -72,7 +72,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.linalg.norm(value - reference) / torch.linalg.norm(reference))
 
 
-@pytest.mark.parametrize("case", METHODS)
+@pytest.mark.parametrize("case", [case for case in METHODS if case != "ssvd_compat"])
 def test_every_method_wraps_the_targets_and_starts_as_the_identity(case, tiny_asr, asr_inputs):
     expected = tiny_asr(*asr_inputs)
     names = targeted_names(tiny_asr, TARGETS)

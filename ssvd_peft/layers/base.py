@@ -8,6 +8,11 @@ model loads into the wrapped model and back.
 
 Every adapter's trainable parameters live under ``peft_adapters.<adapter name>.``, the one
 name segment that freeze and save filters look for.
+
+The state dict always holds the ORIGINAL base weight W under ``weight``: while an adapter is
+merged (W' in the layer), and while PiSSA keeps its residual W_res in the layer. So a state
+dict means "base + adapter" in every state, and loading it never applies an adapter twice.
+Loading into a merged layer is refused (unmerge first).
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ class TrainableSplit:
         return self.inner + self.outer + self.values
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype weight updates are computed in: float64 for float64 weights, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class Adapter(nn.Module, ABC):
     """One method's adapter of one linear layer: its trainable parameters and its math."""
 
@@ -60,26 +70,42 @@ class Adapter(nn.Module, ABC):
         """W' - W, the change the adapter makes to the (current) base weight."""
 
     def merge_into(self, base_layer: nn.Linear) -> None:
-        """Write the adapted weight W' into ``base_layer.weight``."""
+        """Write the adapted weight W' = W + delta W into ``base_layer.weight`` (summed in float32+)."""
         weight = base_layer.weight
-        weight.data += self.delta_weight(weight).to(weight.dtype)
+        dtype = compute_dtype(weight.dtype)
+        weight.data.copy_(weight.detach().to(dtype) + self.delta_weight(weight).detach().to(dtype))
+
+    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        """The base weight W that ``merge_into`` turned into ``merged_weight`` = W'."""
+        dtype = compute_dtype(merged_weight.dtype)
+        delta = self.delta_weight(merged_weight).detach().to(dtype)
+        return (merged_weight.detach().to(dtype) - delta).to(merged_weight.dtype)
 
     def unmerge_from(self, base_layer: nn.Linear) -> None:
         """Restore the weight that ``merge_into`` changed."""
-        weight = base_layer.weight
-        weight.data -= self.delta_weight(weight).to(weight.dtype)
+        base_layer.weight.data.copy_(self.unmerged_weight(base_layer.weight))
 
     def release(self, base_layer: nn.Linear) -> None:
         """Undo any change the adapter made to the base layer when it was created."""
-
-    def base_offset(self) -> torch.Tensor | None:
-        """What creating the adapter subtracted from the base weight (None: nothing)."""
-        return None
 
     @property
     def rewrites_base(self) -> bool:
         """True if creating the adapter changed the base weight (it then owns the layer alone)."""
         return False
+
+    def original_base_weight(self, base_layer: nn.Linear) -> torch.Tensor:
+        """The base weight as it was before this adapter rewrote it (only if ``rewrites_base``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite the base weight")
+
+    def keep_original(self, weight: torch.Tensor) -> None:
+        """Take ``weight`` as the original base weight (a state dict is being loaded; only if
+        ``rewrites_base``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite the base weight")
+
+    def rebase(self, base_layer: nn.Linear) -> None:
+        """Rewrite the base layer from the kept original weight and the adapter's frozen state
+        (only if ``rewrites_base``); runs after every state-dict load."""
+        raise NotImplementedError(f"{type(self).__name__} does not rewrite the base weight")
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -119,6 +145,7 @@ class AdapterLinear(nn.Module):
         self.base_fingerprint = weight_fingerprint(base_layer.weight)
         self._register_state_dict_hook(_original_base_on_save)
         self._register_load_state_dict_pre_hook(_original_base_on_load, with_module=True)
+        self.register_load_state_dict_post_hook(_rebase_after_load)
 
     @property
     def in_features(self) -> int:
@@ -188,10 +215,19 @@ class AdapterLinear(nn.Module):
         self.peft_adapters[self.merged_adapter].unmerge_from(self.base_layer)
         self.merged_adapter = None
 
-    def base_weight_offset(self) -> torch.Tensor | None:
-        """The sum of the adapters' ``base_offset``: original W = base_layer.weight + offset."""
-        offsets = [o for o in (a.base_offset() for a in self.peft_adapters.values()) if o is not None]
-        return torch.stack(offsets).sum(0) if offsets else None
+    def base_owner(self) -> Adapter | None:
+        """The adapter that rewrote the base weight (PiSSA), if any; it is the layer's only adapter."""
+        return next((a for a in self.peft_adapters.values() if a.rewrites_base), None)
+
+    def original_weight(self) -> torch.Tensor | None:
+        """The base weight W without any adapter, when ``base_layer.weight`` holds something else
+        (an owner's rewrite, or a merged W'); None when it holds W."""
+        owner = self.base_owner()
+        if owner is not None:
+            return owner.original_base_weight(self.base_layer)
+        if self.merged_adapter is not None:
+            return self.peft_adapters[self.merged_adapter].unmerged_weight(self.base_layer.weight)
+        return None
 
     def _adapter(self, name: str | None) -> Adapter:
         name = self.active_adapter if name is None else name
@@ -206,25 +242,37 @@ class AdapterLinear(nn.Module):
 def _original_base_on_save(
     module: AdapterLinear, state_dict: dict[str, Any], prefix: str, _meta: Any
 ) -> None:
-    """Store the base parameters under their original names and values (W, not PiSSA's W_res)."""
+    """Store the base parameters under their original names and values (W, not W' or W_res)."""
     for name in ("weight", "bias"):
         key = f"{prefix}base_layer.{name}"
         if key in state_dict:
             state_dict[f"{prefix}{name}"] = state_dict.pop(key)
-    offset = module.base_weight_offset()
-    if offset is not None:
-        state_dict[f"{prefix}weight"] = state_dict[f"{prefix}weight"] + offset
+    original = module.original_weight()
+    if original is not None and f"{prefix}weight" in state_dict:
+        state_dict[f"{prefix}weight"] = original.detach()
 
 
 def _original_base_on_load(
     module: AdapterLinear, state_dict: dict[str, Any], prefix: str, *_args: Any
 ) -> None:
-    """Read original base parameters into the wrapped layer (W_res = W - offset for PiSSA)."""
+    """Read original base parameters into the wrapped layer; an owner keeps the original W."""
+    if module.merged_adapter is not None and any(key.startswith(prefix) for key in state_dict):
+        raise RuntimeError(
+            f"cannot load a state dict into {prefix.rstrip('.') or 'the layer'} while adapter "
+            f"{module.merged_adapter!r} is merged into its weight; call unmerge_adapters(model) first"
+        )
     for name in ("weight", "bias"):
         key = f"{prefix}{name}"
         if key in state_dict:
             state_dict[f"{prefix}base_layer.{name}"] = state_dict.pop(key)
-    offset = module.base_weight_offset()
+    owner = module.base_owner()
     key = f"{prefix}base_layer.weight"
-    if offset is not None and key in state_dict:
-        state_dict[key] = state_dict[key] - offset.to(state_dict[key].device)
+    if owner is not None and key in state_dict:
+        owner.keep_original(state_dict[key])
+
+
+def _rebase_after_load(module: AdapterLinear, _incompatible_keys: Any) -> None:
+    """After a load (base weight and/or the owner's frozen factors), rewrite the base again."""
+    owner = module.base_owner()
+    if owner is not None:
+        owner.rebase(module.base_layer)

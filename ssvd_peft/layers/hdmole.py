@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssvd_peft.config import HdmoleConfig
-from ssvd_peft.layers.base import ADAPTERS_ATTR, Adapter, AdapterLinear, TrainableSplit
+from ssvd_peft.layers.base import ADAPTERS_ATTR, Adapter, AdapterLinear, TrainableSplit, compute_dtype
 from ssvd_peft.layers.lora import check_rank
 from ssvd_peft.layers.routing import (
     IGNORE_DOMAIN,
@@ -161,9 +161,12 @@ class HdmoleAdapter(Adapter):
         return group / group.sum()
 
     def domain_delta_weight(self, domain: int) -> torch.Tensor:
-        """delta W_d = (alpha / r) sum_i w_d,i B_i A_i with w_d = ``domain_weights(domain)``."""
-        weights = self.domain_weights(domain)
-        return self.scaling * torch.einsum("n,nor,nri->oi", weights, self.lora_B, self.lora_A)
+        """delta W_d = (alpha / r) sum_i w_d,i B_i A_i with w_d = ``domain_weights(domain)``, in float32+."""
+        dtype = compute_dtype(self.lora_A.dtype)
+        weights = self.domain_weights(domain).to(dtype)
+        return self.scaling * torch.einsum(
+            "n,nor,nri->oi", weights, self.lora_B.to(dtype), self.lora_A.to(dtype)
+        )
 
     def merge_domain(self, base_layer: nn.Linear, domain: int) -> None:
         """W <- W + delta W_d: the layer for one known domain at the cost of a plain Linear."""
@@ -172,7 +175,8 @@ class HdmoleAdapter(Adapter):
                 f"domain {self.merged_domain} is already merged into this layer; unmerge it first"
             )
         weight = base_layer.weight
-        weight.data += self.domain_delta_weight(domain).detach().to(weight.dtype)
+        dtype = compute_dtype(weight.dtype)
+        weight.data.copy_(weight.detach().to(dtype) + self.domain_delta_weight(domain).detach().to(dtype))
         self.merged_domain = domain
 
     def merge_into(self, base_layer: nn.Linear) -> None:
@@ -181,12 +185,17 @@ class HdmoleAdapter(Adapter):
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         raise RoutedMergeError(MERGE_REFUSAL)
 
+    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        """W = W' - delta W_d of the merged domain."""
+        dtype = compute_dtype(merged_weight.dtype)
+        delta = self.domain_delta_weight(self.merged_domain).detach().to(dtype)
+        return (merged_weight.detach().to(dtype) - delta).to(merged_weight.dtype)
+
     def unmerge_from(self, base_layer: nn.Linear) -> None:
         """Subtract the merged fixed-domain update again."""
         if self.merged_domain is None:
             return
-        weight = base_layer.weight
-        weight.data -= self.domain_delta_weight(self.merged_domain).detach().to(weight.dtype)
+        super().unmerge_from(base_layer)
         self.merged_domain = None
 
 

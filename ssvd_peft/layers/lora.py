@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssvd_peft.config import LoraConfig
-from ssvd_peft.layers.base import Adapter, TrainableSplit
+from ssvd_peft.layers.base import Adapter, TrainableSplit, compute_dtype
 
 
 class LoraAdapter(Adapter):
@@ -56,7 +56,8 @@ class LoraAdapter(Adapter):
         return base_layer(x) + self.scaling * self.lora_output(x)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
+        dtype = compute_dtype(base_weight.dtype)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
 
 def check_rank(config: LoraConfig, in_features: int, out_features: int) -> None:

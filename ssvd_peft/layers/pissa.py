@@ -2,11 +2,17 @@
 
 With the top-r SVD W ~ U_r diag(s_r) V_r^T:
     A = diag(sqrt(s_r / scale)) V_r^T,   B = U_r diag(sqrt(s_r / scale)),
-    W_res = W - scale * B A   (written into the base layer: the forward is plain LoRA),
+    W_res = W - scale * B0 A0   (written into the base layer: the forward is plain LoRA),
     y = x W_res^T + b + scale * (dropout(x) A^T) B^T.
-The initial factors A0, B0 are kept (frozen) so that the adapter can be expressed against the
-ORIGINAL weight as a rank-2r LoRA, A' = [A; A0], B' = [B, -B0], and the base weight can be
-restored when the adapter is removed. Trainable parameters per layer: r (in + out).
+The initial factors A0, B0 are frozen buffers saved with the adapter: they, not a new SVD,
+define W_res when the adapter is loaded again, so a randomized SVD reloads to the trained model
+whatever the random state. They also express the adapter against the ORIGINAL weight as a
+rank-2r LoRA, A' = [A; A0], B' = [B, -B0].
+
+The original W is kept (a CPU copy, outside the state dict and out of DistributedDataParallel's
+buffer broadcasts), so unload, a rolled-back injection, ``unmerge`` and ``state_dict()`` give
+back W bit for bit, not the rounded W_res + scale B0 A0. Trainable parameters per layer:
+r (in + out).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 
 from ssvd_peft.config import PissaConfig
+from ssvd_peft.layers.base import compute_dtype
 from ssvd_peft.layers.lora import LoraAdapter
 from ssvd_peft.layers.svd import top_singular_triplets
 
@@ -26,12 +33,13 @@ class PissaAdapter(LoraAdapter):
         super().__init__(base_layer, config)
         self.svd_method = config.svd_method
         self.svd_niter = config.svd_niter
+        self.keep_original(base_layer.weight)
         a0, b0 = self.principal_factors(base_layer.weight)
         self.register_buffer("initial_A", a0.to(base_layer.weight.dtype))
         self.register_buffer("initial_B", b0.to(base_layer.weight.dtype))
         self.lora_A.data.copy_(self.initial_A)
         self.lora_B.data.copy_(self.initial_B)
-        base_layer.weight.data -= self.scaling * (self.initial_B @ self.initial_A)
+        self.rebase(base_layer)
         if not config.init_weights:
             self.perturb()
 
@@ -54,13 +62,34 @@ class PissaAdapter(LoraAdapter):
     def rewrites_base(self) -> bool:
         return True
 
-    def base_offset(self) -> torch.Tensor:
-        """scale * B0 A0: the original weight is W = W_res + scale * B0 A0."""
-        return self.scaling * (self.initial_B @ self.initial_A)
+    def keep_original(self, weight: torch.Tensor) -> None:
+        """Keep a CPU copy of the original W (its own dtype), the source of W_res and of restores."""
+        self.original_weight = weight.detach().to("cpu", copy=True)
+
+    def original_base_weight(self, base_layer: nn.Linear) -> torch.Tensor:
+        """The original W, in the base layer's current dtype and device."""
+        weight = base_layer.weight
+        return self.original_weight.to(device=weight.device, dtype=weight.dtype)
+
+    def residual_weight(self, like: torch.Tensor) -> torch.Tensor:
+        """W_res = W - scale * B0 A0, computed in float32+ and rounded once to the dtype and device
+        of ``like`` (the base weight)."""
+        dtype = compute_dtype(like.dtype)
+        original = self.original_weight.to(device=like.device, dtype=dtype)
+        principal = self.initial_B.to(dtype) @ self.initial_A.to(dtype)
+        return (original - self.scaling * principal).to(like.dtype)
+
+    def rebase(self, base_layer: nn.Linear) -> None:
+        """Write W_res (from the kept W and the current A0, B0) into the base layer."""
+        base_layer.weight.data.copy_(self.residual_weight(base_layer.weight))
+
+    def unmerged_weight(self, merged_weight: torch.Tensor) -> torch.Tensor:
+        """W_res again, recomputed from W and A0, B0: exact, whatever rounding the merge did."""
+        return self.residual_weight(merged_weight)
 
     def release(self, base_layer: nn.Linear) -> None:
-        """Give the base layer back its original weight W = W_res + scale * B0 A0."""
-        base_layer.weight.data += self.base_offset()
+        """Give the base layer back its original weight W, bit for bit."""
+        base_layer.weight.data.copy_(self.original_base_weight(base_layer))
 
     def as_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') of the rank-2r LoRA that gives the same layer on the ORIGINAL weight."""

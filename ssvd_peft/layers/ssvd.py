@@ -11,9 +11,17 @@ SSVD has k_out = 0 (P_out = I): the input (acoustic) side rotates, the outputs k
 directions. SSVD-O also rotates the output (semantic) side. Trainable parameters per layer:
 k + k_in (k_in - 1) / 2 + k_out (k_out - 1) / 2; all start at zero, so W' = W.
 
-``espnet_compat`` reproduces ESPnet master's SSVDLinear: the shift is gated,
-d' = sigmoid(g) d, the rotation is first-order, A = I + 2S, and it acts on the singular vectors
-of the SMALLER side (out >= in: P_in^T = A; out < in: P_out = A^T). Trainable: k + 1 + k_in(k_in-1)/2.
+``espnet_compat`` reproduces ESPnet master's SSVDLinear: k = floor(k_ratio m) (ESPnet's
+``int(m * rotation_ratio)``), the shift is gated, d' = sigmoid(g) d, the rotation is first-order,
+A = I + 2S, and it acts on the singular vectors of the SMALLER side (out >= in: P_in^T = A;
+out < in: P_out = A^T). It also starts where ESPnet's layer starts: g = 0 and d drawn
+kaiming-uniform, d_i ~ U(-sqrt(6 / k), sqrt(6 / k)), so W' = W + U_k diag(d / 2) V_k^T != W.
+Trainable: k + 1 + k_in (k_in - 1) / 2.
+
+Precision: the k x k core M is computed in float64 from the stored factors (U_k, s_k, V_k in
+the weight's dtype) and the trainable parameters (float32, or float64 for a float64 weight),
+then cast to the input's dtype; a bfloat16 or float16 model gets an exact rotation and an exact
+zero update at initialisation.
 
 Forward, for T tokens. Both paths pay the dense product T in out; on top of it the low-rank
 path costs T k (in + k + out):
@@ -36,8 +44,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ssvd_peft.config import SsvdConfig, SsvdOConfig
-from ssvd_peft.layers.base import Adapter, TrainableSplit
-from ssvd_peft.layers.rotation import num_skew_params, rotation_from_skew, skew_from_params
+from ssvd_peft.layers.base import Adapter, TrainableSplit, compute_dtype
+from ssvd_peft.layers.rotation import (
+    ROTATION_DTYPE,
+    num_skew_params,
+    rotation_from_skew,
+    skew_from_params,
+)
 from ssvd_peft.layers.svd import top_singular_triplets
 
 
@@ -64,7 +77,7 @@ def rotation_size_for_budget(budget: float) -> int:
 def ssvd_dims(config: SsvdConfig, in_features: int, out_features: int) -> SsvdDims:
     """Resolve k, k_in and k_out of one layer from the config (see SsvdConfig / SsvdOConfig)."""
     m = min(in_features, out_features)
-    k = config.k if config.k is not None else max(1, round(config.k_ratio * m))
+    k = config.k if config.k is not None else subspace_size(config.k_ratio, m, config.espnet_compat)
     if k > m:
         raise ValueError(
             f"{config.method}: k = {k} is larger than this layer allows "
@@ -87,6 +100,25 @@ def ssvd_dims(config: SsvdConfig, in_features: int, out_features: int) -> SsvdDi
                 f"{config.method}: {name} = {size} exceeds the subspace size k = {k}; lower it or raise k"
             )
     return SsvdDims(k=k, k_in=k_in, k_out=k_out)
+
+
+def subspace_size(k_ratio: float, m: int, espnet_compat: bool) -> int:
+    """k from a ratio of m = min(in, out): round(k_ratio m), at least 1; floor(k_ratio m) in
+    espnet_compat, as ESPnet's ``int(m * rotation_ratio)``, which refuses k = 0."""
+    if not espnet_compat:
+        return max(1, round(k_ratio * m))
+    k = int(m * k_ratio)
+    if k < 1:
+        raise ValueError(
+            f"ssvd (espnet_compat): k_ratio {k_ratio} gives k = floor({k_ratio} x {m}) = 0 on this layer, "
+            "as ESPnet's SSVDLinear would refuse; raise k_ratio or give k"
+        )
+    return k
+
+
+def parameter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """float64 for a float64 weight, else float32 (half-precision parameters would lose small updates)."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
 def prefers_merged_path(tokens: int, in_features: int, out_features: int, k: int, training: bool) -> bool:
@@ -173,7 +205,13 @@ def adapted_weight(
 
 
 class SsvdAdapter(Adapter):
-    """Singular-value shift plus inner (and outer) rotations of the top-k singular vectors."""
+    """Singular-value shift plus inner (and outer) rotations of the top-k singular vectors.
+
+    Parameters: ``ssvd_shift`` (k), ``ssvd_inner`` (k_in (k_in - 1) / 2, only if k_in >= 2),
+    ``ssvd_outer`` (k_out (k_out - 1) / 2, only if k_out >= 2) and, in espnet_compat,
+    ``ssvd_gate`` (1). A rotation of size 0 has no parameter, so every parameter the adapter
+    registers receives a gradient (DistributedDataParallel requires it).
+    """
 
     def __init__(self, base_layer: nn.Linear, config: SsvdConfig) -> None:
         super().__init__()
@@ -184,19 +222,26 @@ class SsvdAdapter(Adapter):
         weight = base_layer.weight
         u, s, v = top_singular_triplets(weight, self.dims.k)
         self.register_buffer("singular_U", u.to(weight.dtype), persistent=False)
-        self.register_buffer("singular_values", s.to(torch.float32), persistent=False)
+        self.register_buffer("singular_values", s.to(weight.dtype), persistent=False)
         self.register_buffer("singular_V", v.to(weight.dtype), persistent=False)
-        param = dict(dtype=torch.float32, device=weight.device)
+        param = dict(dtype=parameter_dtype(weight.dtype), device=weight.device)
         self.ssvd_shift = nn.Parameter(torch.zeros(self.dims.k, **param))
-        self.ssvd_inner = nn.Parameter(torch.zeros(num_skew_params(self.dims.k_in), **param))
-        self.ssvd_outer = nn.Parameter(torch.zeros(num_skew_params(self.dims.k_out), **param))
+        self.ssvd_inner = self._skew_parameter(self.dims.k_in, param)
+        self.ssvd_outer = self._skew_parameter(self.dims.k_out, param)
         self.ssvd_gate = nn.Parameter(torch.zeros(1, **param)) if config.espnet_compat else None
         if not config.init_weights:
             self.randomize()
+        elif config.espnet_compat:
+            self.espnet_initialize()
+
+    @staticmethod
+    def _skew_parameter(size: int, factory: dict) -> nn.Parameter | None:
+        count = num_skew_params(size)
+        return nn.Parameter(torch.zeros(count, **factory)) if count else None
 
     @staticmethod
     def trainable_split(config: SsvdConfig, in_features: int, out_features: int) -> TrainableSplit:
-        """values: k shifts (+1 gate in espnet_compat); inner/outer: k_side (k_side - 1) / 2."""
+        """values: k shifts (+1 gate with espnet_compat); inner/outer: k_side (k_side - 1) / 2."""
         dims = ssvd_dims(config, in_features, out_features)
         return TrainableSplit(
             inner=num_skew_params(dims.k_in),
@@ -204,28 +249,39 @@ class SsvdAdapter(Adapter):
             values=dims.k + (1 if config.espnet_compat else 0),
         )
 
+    def espnet_initialize(self) -> None:
+        """ESPnet's start: gate g = 0, shift kaiming-uniform over a (1, k) tensor, U(+-sqrt(6 / k))."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.ssvd_shift[None, :])
+            self.ssvd_gate.zero_()
+
     def randomize(self) -> None:
         """A non-trivial adapter (for tests): shifts ~ 10% of s, rotation angles ~ 0.1."""
         with torch.no_grad():
-            self.ssvd_shift.normal_(std=0.1 * float(self.singular_values.mean()))
-            self.ssvd_inner.normal_(std=0.1)
-            self.ssvd_outer.normal_(std=0.1)
+            self.ssvd_shift.normal_(std=0.1 * float(self.singular_values.float().mean()))
+            for params in (self.ssvd_inner, self.ssvd_outer):
+                if params is not None:
+                    params.normal_(std=0.1)
             if self.ssvd_gate is not None:
                 self.ssvd_gate.normal_()
 
     def shifted_values(self) -> torch.Tensor:
-        """s_k + d  (s_k + sigmoid(g) d in espnet_compat)."""
-        shift = self.ssvd_shift if self.ssvd_gate is None else torch.sigmoid(self.ssvd_gate) * self.ssvd_shift
-        return self.singular_values + shift
+        """s_k + d  (s_k + sigmoid(g) d in espnet_compat), in float64."""
+        shift = self.ssvd_shift.to(ROTATION_DTYPE)
+        if self.ssvd_gate is not None:
+            shift = torch.sigmoid(self.ssvd_gate.to(ROTATION_DTYPE)) * shift
+        return self.singular_values.to(ROTATION_DTYPE) + shift
 
-    def leading_rotation(self, params: torch.Tensor, size: int) -> torch.Tensor | None:
-        """R = rotation(skew(params)), the size x size block of blockdiag(R, I) (None if size = 0)."""
-        if size == 0:
+    def leading_rotation(self, params: torch.Tensor | None, size: int) -> torch.Tensor | None:
+        """R = rotation(skew(params)) in float64, the size x size block of blockdiag(R, I)
+        (None if there is no rotation)."""
+        if params is None:
             return None
-        return rotation_from_skew(skew_from_params(params, size), self.rotation, self.neumann_terms)
+        skew = skew_from_params(params.to(ROTATION_DTYPE), size)
+        return rotation_from_skew(skew, self.rotation, self.neumann_terms)
 
     def core_matrix(self) -> torch.Tensor:
-        """M = P_out diag(s_k + d) P_in^T - diag(s_k), a k x k matrix.
+        """M = P_out diag(s_k + d) P_in^T - diag(s_k), a k x k float64 matrix.
 
         Only the leading blocks of P_in and P_out rotate: diag(s_k + d) P_in^T scales the
         rows of blockdiag(R_in^T, I), and P_out mixes only its first k_out rows.
@@ -247,7 +303,7 @@ class SsvdAdapter(Adapter):
         if outer is not None:
             rotated = outer @ scaled[:k_out]
             scaled = rotated if k_out == k else torch.cat([rotated, scaled[k_out:]])
-        return scaled - torch.diag(self.singular_values)
+        return scaled - torch.diag(self.singular_values.to(ROTATION_DTYPE))
 
     def forward(self, x: torch.Tensor, base_layer: nn.Linear) -> torch.Tensor:
         core = self.core_matrix().to(x.dtype)
@@ -267,5 +323,6 @@ class SsvdAdapter(Adapter):
         return output.reshape(*x.shape[:-1], base_layer.out_features)
 
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
-        core = self.core_matrix().to(base_weight.dtype)
-        return (self.singular_U @ core) @ self.singular_V.T
+        dtype = compute_dtype(base_weight.dtype)
+        core = self.core_matrix().to(dtype)
+        return (self.singular_U.to(dtype) @ core) @ self.singular_V.to(dtype).T

@@ -163,3 +163,64 @@ def test_parameter_count_is_r_times_in_plus_out():
     counted = sum(p.numel() for p in adapter.parameters())
     assert counted == PissaAdapter.trainable_split(config, in_features, out_features).total
     assert counted == 4 * (in_features + out_features)
+
+
+def restore_cases(wrapper) -> None:
+    """Merge and unmerge (recomputes W_res), then nothing else: the state the restores start from."""
+    wrapper.merge()
+    wrapper.unmerge()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_restores_give_back_the_original_weight_bit_for_bit(shape, init_weights):
+    """W_res + scale B0 A0 rounds differently from W in some entries; the kept W does not."""
+    base = make_linear(*SHAPES[shape])
+    with torch.no_grad():
+        base.weight.mul_(torch.logspace(-3, 2, base.weight.numel()).reshape(base.weight.shape))
+    original = base.weight.detach().clone()
+    wrapper = add_adapter(base, "pissa", rank=6, alpha=3.0, init_weights=init_weights)
+    adapter = wrapper.peft_adapters["default"]
+    recomputed = wrapper.base_layer.weight + adapter.scaling * adapter.initial_B @ adapter.initial_A
+    assert not torch.equal(recomputed, original), "this weight would not survive W_res + scale B0 A0"
+
+    assert torch.equal(wrapper.state_dict()["weight"], original)
+    residual = wrapper.base_layer.weight.detach().clone()
+    restore_cases(wrapper)
+    assert torch.equal(wrapper.base_layer.weight, residual), "unmerge rebuilds W_res exactly"
+    wrapper.merge()
+    assert torch.equal(wrapper.state_dict()["weight"], original), "merged, the state dict still holds W"
+    wrapper.delete_adapter("default")
+    assert torch.equal(wrapper.base_layer.weight, original)
+
+
+def test_loading_a_state_dict_rebuilds_the_residual_from_the_loaded_weight_and_factors():
+    wrapper, adapter, original = pissa_layer(init_weights=False)
+    state = {key: value.clone() for key, value in wrapper.state_dict().items()}
+    other, other_adapter, _ = pissa_layer(init_weights=True, svd_method="randomized")
+    with torch.no_grad():
+        other.base_layer.weight.add_(1.0)
+
+    other.load_state_dict(state)
+
+    assert torch.equal(other_adapter.initial_A, adapter.initial_A)
+    assert torch.equal(other.base_layer.weight, wrapper.base_layer.weight)
+    assert torch.equal(other.state_dict()["weight"], original)
+    x = torch.randn(3, wrapper.in_features)
+    assert torch.equal(other(x), wrapper(x))
+
+
+def test_loading_into_a_merged_layer_is_refused():
+    wrapper, _, _ = pissa_layer()
+    state = wrapper.state_dict()
+    wrapper.merge()
+    with pytest.raises(RuntimeError, match="is merged into its weight; call unmerge_adapters"):
+        wrapper.load_state_dict(state)
+
+
+def test_the_kept_original_stays_out_of_buffers_and_state_dict():
+    """DistributedDataParallel broadcasts buffers every step: the copy of W is not one."""
+    wrapper, adapter, _ = pissa_layer()
+    assert all(buffer is not adapter.original_weight for buffer in wrapper.buffers())
+    assert {key for key in wrapper.state_dict() if "original" in key} == set()
+    assert adapter.original_weight.device.type == "cpu"
