@@ -144,3 +144,56 @@ def test_parameter_count_is_lora_plus_out():
     split = DoraAdapter.trainable_split(config, in_features, out_features)
     assert counted == split.total == 3 * (in_features + out_features) + out_features
     assert (split.inner, split.outer) == (3 * in_features, 3 * out_features + out_features)
+
+
+def zero_row_dora(init_weights: bool = True):
+    """DoRA on a weight whose rows 1 and 3 are zero (HF PEFT's regression case)."""
+    base = make_linear(*SHAPES["tall"])
+    with torch.no_grad():
+        base.weight[[1, 3]] = 0.0
+    wrapper = add_adapter(base, "dora", rank=4, alpha=8.0, init_weights=init_weights)
+    return wrapper, wrapper.peft_adapters["default"]
+
+
+def test_zero_rows_of_the_weight_give_finite_outputs_equal_to_the_base():
+    wrapper, adapter = zero_row_dora()
+    x = torch.randn(4, wrapper.in_features)
+    output = wrapper(x)
+    assert bool(torch.isfinite(output).all())
+    torch.testing.assert_close(output, wrapper.base_layer(x), rtol=1e-6, atol=1e-6)
+    assert float(adapter.magnitude.detach()[1]) == 0.0
+
+
+def test_zero_rows_train_without_nan_and_merge_round_trips():
+    wrapper, adapter = zero_row_dora(init_weights=False)
+    x = torch.randn(6, wrapper.in_features)
+    optimizer = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        wrapper(x).pow(2).mean().backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in adapter.parameters())
+        optimizer.step()
+    before = wrapper.base_layer.weight.detach().clone()
+    output = wrapper(x)
+
+    wrapper.merge()
+    torch.testing.assert_close(wrapper(x), output, rtol=1e-5, atol=1e-5)
+    wrapper.unmerge()
+
+    assert bool(torch.isfinite(wrapper.base_layer.weight).all())
+    assert rel_err(wrapper.base_layer.weight, before) < 1e-6
+
+
+def test_rows_with_zero_magnitude_merge_to_zero_and_unmerge_to_the_kept_rows():
+    wrapper, adapter = zero_row_dora()
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    assert float(adapter.magnitude.detach()[[1, 3]].abs().sum()) == 0.0
+    before = wrapper.base_layer.weight.detach().clone()
+
+    wrapper.merge()
+    assert not wrapper.base_layer.weight[[1, 3]].any()
+    wrapper.unmerge()
+
+    assert torch.equal(wrapper.base_layer.weight[[1, 3]], before[[1, 3]])
+    assert rel_err(wrapper.base_layer.weight, before) < 1e-6
