@@ -1,12 +1,15 @@
 """Adapter-only checkpoints, bound to the base model they were trained on.
 
-One file holds the method, its config, the adapter's trainable tensors (``<module>.<param>``),
-optional full tensors of ``modules_to_save``, a model-level HDMoLE domain router
-(``peft_adapters.<name>.<param>``, with its source module and side) and a fingerprint of every
-adapted base weight (see ``weight_fingerprint``). ``load_adapter`` checks the fingerprints
-against the model it is given BEFORE changing it, then injects the config (and attaches the
-router) and loads the tensors; a checkpoint of
-another base model is refused with a message naming the first module that differs.
+One file holds the method, its config, the adapter's tensors (``<module>.<name>``: its
+parameters and persistent buffers, such as PiSSA's initial factors A0, B0, which define its
+residual weight on reload), optional full tensors of ``modules_to_save``, a model-level HDMoLE
+domain router (``domain_router.<param>``, with its source module and side), a fingerprint
+of every adapted base weight (see ``weight_fingerprint``) and a SHA-256 checksum of all of that.
+``load_adapter`` checks the checksum and the fingerprints against the model it is given BEFORE
+changing it, then injects the config (and attaches the router) and loads the tensors through
+``load_state_dict`` (so an adapter that rewrote the base weight rebuilds it from the loaded
+state); a damaged file, or a checkpoint of another base model, is refused with a message that
+names the problem.
 
 Files are written atomically (temporary file, then rename) and read with
 ``torch.load(weights_only=True)``: no arbitrary object is ever unpickled.
@@ -14,9 +17,11 @@ Files are written atomically (temporary file, then rename) and read with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,8 @@ from ssvd_peft.layers.base import ADAPTERS_ATTR, AdapterLinear, weight_fingerpri
 from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
 
 FORMAT = "ssvd-peft-adapter"
-VERSION = 1
+VERSION = 2
+ROUTER_KEY = "domain_router"
 FINGERPRINT_RTOL = 1e-4
 
 
@@ -44,10 +50,12 @@ class AdapterCheckpointError(ValueError):
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
-    """The trainable tensors of adapter ``adapter_name``, keyed ``<module name>.<param name>``;
-    a model-level module of the adapter (HDMoLE's domain router) under ``peft_adapters.<name>.``."""
+    """The tensors of adapter ``adapter_name`` (parameters and persistent buffers), keyed
+    ``<module name>.<tensor name>``; a model-level module of the adapter (HDMoLE's domain router)
+    under ``domain_router.``."""
     state = {
-        key: param.detach().cpu().clone() for key, param in _adapter_parameters(model, adapter_name).items()
+        key: entry.tensor.detach().cpu().clone()
+        for key, entry in _adapter_entries(model, adapter_name).items()
     }
     if not state:
         raise AdapterCheckpointError(f"the model has no adapter named {adapter_name!r}")
@@ -85,6 +93,7 @@ def save_adapter(
     router = domain_router(model, adapter_name)
     if router is not None:
         payload["domain_router"] = {"source_module": router.source_module, "source_side": router.source_side}
+    payload["checksum"] = payload_checksum(payload)
     return _atomic_save(payload, Path(path))
 
 
@@ -127,7 +136,34 @@ def read_adapter_file(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} has format version {payload.get('version')}; "
             f"this ssvd-peft reads version {VERSION}"
         )
+    if payload.get("checksum") != payload_checksum(payload):
+        raise AdapterCheckpointError(
+            f"{str(path)!r} is damaged: its contents do not match the SHA-256 checksum written with "
+            "them (a changed byte, a truncated copy or an edit); copy the file again from where it "
+            "was saved, or save the adapter again"
+        )
     return payload
+
+
+def payload_checksum(payload: dict[str, Any]) -> str:
+    """SHA-256 over everything an adapter file holds but the checksum: the header fields, and
+    every tensor's name, dtype, shape and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for field in ("format", "version", "method", "config", "domain_router"):
+        digest.update(f"{field}={json.dumps(payload.get(field), sort_keys=True)};".encode())
+    for section in ("tensors", "fingerprints", "modules_to_save"):
+        for key, tensor in sorted(_flat_tensors(payload.get(section, {}), section)):
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _flat_tensors(values: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(values, torch.Tensor):
+        return [(prefix, values)]
+    if not isinstance(values, dict):
+        raise AdapterCheckpointError(f"adapter file entry {prefix!r} is neither a tensor nor a mapping")
+    return [pair for key, value in values.items() for pair in _flat_tensors(value, f"{prefix}/{key}")]
 
 
 def check_base_model(model: nn.Module, fingerprints: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -155,18 +191,29 @@ def _fingerprint(module: nn.Module) -> torch.Tensor | None:
     return weight_fingerprint(weight) if isinstance(weight, torch.Tensor) else None
 
 
-def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-    parameters = {
-        f"{module_name}.{param_name}": param
-        for module_name, layer in iter_adapter_layers(model)
-        if adapter_name in layer.peft_adapters
-        for param_name, param in layer.peft_adapters[adapter_name].named_parameters()
-    }
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of an adapter: its name in the model's state dict, and the tensor itself."""
+
+    state_name: str
+    tensor: torch.Tensor
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str) -> dict[str, _Entry]:
+    """{file key: entry} of adapter ``adapter_name``'s parameters and persistent buffers: file keys
+    ``<module>.<tensor>`` for the layers, ``domain_router.<tensor>`` for HDMoLE's router."""
+    entries: dict[str, _Entry] = {}
+    for module_name, layer in iter_adapter_layers(model):
+        if adapter_name in layer.peft_adapters:
+            prefix = f"{module_name}.{ADAPTERS_ATTR}.{adapter_name}."
+            state = layer.peft_adapters[adapter_name].state_dict(keep_vars=True)
+            entries.update({f"{module_name}.{key}": _Entry(prefix + key, t) for key, t in state.items()})
     router = domain_router(model, adapter_name)
     if router is not None:
-        prefix = f"{ADAPTERS_ATTR}.{adapter_name}"
-        parameters.update({f"{prefix}.{name}": param for name, param in router.named_parameters()})
-    return parameters
+        prefix = f"{ADAPTERS_ATTR}.{adapter_name}."
+        state = router.state_dict(keep_vars=True)
+        entries.update({f"{ROUTER_KEY}.{key}": _Entry(prefix + key, t) for key, t in state.items()})
+    return entries
 
 
 def _attach_saved_router(model: nn.Module, payload: dict[str, Any], adapter_name: str, path: Any) -> None:
@@ -174,7 +221,7 @@ def _attach_saved_router(model: nn.Module, payload: dict[str, Any], adapter_name
     router = payload.get("domain_router")
     if router is None:
         return
-    weight = payload["tensors"].get(f"{ADAPTERS_ATTR}.{adapter_name}.proj.weight")
+    weight = payload["tensors"].get(f"{ROUTER_KEY}.proj.weight")
     if weight is None:
         raise AdapterCheckpointError(
             f"adapter {str(path)!r} records a domain router but holds no weight for it; "
@@ -184,23 +231,23 @@ def _attach_saved_router(model: nn.Module, payload: dict[str, Any], adapter_name
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, path: Any) -> None:
-    expected = _adapter_parameters(model, adapter_name)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    """Load the file's adapter tensors through ``load_state_dict`` (hooks included) after checking
+    that they are exactly the adapter's, with its shapes."""
+    entries = _adapter_entries(model, adapter_name)
+    missing = sorted(set(entries) - set(tensors))
+    unexpected = sorted(set(tensors) - set(entries))
     if missing or unexpected:
         raise AdapterCheckpointError(
             f"adapter {str(path)!r} does not fit its own config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}; the file is damaged or was edited"
         )
-    for key, param in expected.items():
-        if tensors[key].shape != param.shape:
+    for key, entry in entries.items():
+        if tensors[key].shape != entry.tensor.shape:
             raise AdapterCheckpointError(
                 f"adapter {str(path)!r}: {key} has shape {tuple(tensors[key].shape)}, "
-                f"the model expects {tuple(param.shape)}"
+                f"the model expects {tuple(entry.tensor.shape)}"
             )
-    with torch.no_grad():
-        for key, param in expected.items():
-            param.copy_(tensors[key])
+    model.load_state_dict({entry.state_name: tensors[key] for key, entry in entries.items()}, strict=False)
 
 
 def _module_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:

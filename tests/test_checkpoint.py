@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssvd_peft.checkpoint import AdapterCheckpointError, load_adapter, save_adapter
+from ssvd_peft.checkpoint import AdapterCheckpointError, load_adapter, payload_checksum, save_adapter
 from ssvd_peft.inject import inject_adapters, iter_adapter_layers
 from ssvd_peft.layers.base import AdapterLinear
 from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
@@ -55,7 +55,25 @@ def test_round_trip_into_a_fresh_copy_of_the_base_gives_identical_outputs(method
     path = save_adapter(base, tmp_path / "adapter.pt")
     load_adapter(pristine, path)
 
-    torch.testing.assert_close(pristine(inputs), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pristine(inputs), expected)
+
+
+@pytest.mark.parametrize("svd_method", ["full", "randomized"])
+def test_pissa_reloads_to_the_trained_model_whatever_the_random_state(svd_method, inputs, tmp_path):
+    """The residual comes from the saved A0, B0, not from a new (randomized) SVD at load time."""
+    base = TinyNet()
+    inject_adapters(base, "pissa", target_modules=TARGETS, rank=4, svd_method=svd_method, svd_niter=1)
+    with torch.no_grad():
+        for _, layer in iter_adapter_layers(base):
+            layer.peft_adapters["default"].lora_B.mul_(1.1)
+    expected = base(inputs)
+    path = save_adapter(base, tmp_path / "adapter.pt")
+
+    for seed in (1, 2):
+        fresh = TinyNet()  # seeds the generator itself
+        torch.manual_seed(seed)
+        load_adapter(fresh, path)
+        assert torch.equal(fresh(inputs), expected), seed
 
 
 def test_the_file_holds_only_the_adapter(tmp_path):
@@ -128,6 +146,7 @@ def test_a_tampered_file_fails_and_leaves_no_adapter_behind(tmp_path):
     path = save_adapter(model, tmp_path / "adapter.pt")
     payload = torch.load(path, weights_only=True)
     payload["tensors"]["head.lora_A"] = torch.zeros(3, 12)
+    payload["checksum"] = payload_checksum(payload)
     torch.save(payload, path)
 
     fresh = TinyNet()
@@ -135,6 +154,40 @@ def test_a_tampered_file_fails_and_leaves_no_adapter_behind(tmp_path):
         load_adapter(fresh, path)
     assert not list(iter_adapter_layers(fresh))
     assert fresh.peft_config == {}
+
+
+@pytest.mark.parametrize("edit", ["flip_a_tensor_byte", "edit_without_checksum"])
+def test_a_damaged_file_is_refused_by_its_checksum(edit, tmp_path):
+    model = TinyNet()
+    inject_adapters(model, "lora", target_modules=TARGETS, rank=2, init_weights=False)
+    path = save_adapter(model, tmp_path / "adapter.pt")
+    if edit == "flip_a_tensor_byte":
+        data = bytearray(path.read_bytes())
+        tensor_bytes = model.proj_out.peft_adapters["default"].lora_B.detach().numpy().tobytes()
+        where = data.find(tensor_bytes)
+        assert where > 0, "the tensor's bytes are stored as they are"
+        data[where + len(tensor_bytes) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+    else:
+        payload = torch.load(path, weights_only=True)
+        payload["tensors"]["head.lora_B"] = payload["tensors"]["head.lora_B"] * 1.0001
+        torch.save(payload, path)
+
+    fresh = TinyNet()
+    with pytest.raises(AdapterCheckpointError, match="is damaged: its contents do not match the SHA-256"):
+        load_adapter(fresh, path)
+    assert not list(iter_adapter_layers(fresh))
+
+
+def test_an_older_format_version_is_refused_with_the_versions(tmp_path):
+    model = TinyNet()
+    inject_adapters(model, "lora", target_modules=["head"])
+    path = save_adapter(model, tmp_path / "adapter.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 1
+    torch.save(payload, path)
+    with pytest.raises(AdapterCheckpointError, match="has format version 1; this ssvd-peft reads version 2"):
+        load_adapter(TinyNet(), path)
 
 
 def test_saving_an_unknown_adapter_fails_without_writing(tmp_path):
