@@ -5,20 +5,29 @@ entry point, so the core command never imports espnet).
     ssvd-peft budget  --config exp/asr_base/config.yaml --peft conf/peft/ssvd_o.yaml [--compare]
 
 ``modules`` lists every nn.Linear an adapter can target, with its shape; ``budget`` prints the
-trainable-parameter table of a peft block on that model, and with ``--compare`` the rank / k
-every method needs to train the same number of parameters. Nothing is trained.
+trainable-parameter table of a peft block on that model, and with ``--compare`` the block's own
+count next to the rank / k every other method needs to train the same number of parameters
+(marked where the budget is out of that method's reach). Nothing is trained.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from espnet_plugins.modules import STOCK_TASKS, build_meta_model, targetable_modules
-from ssvd_peft.budget import KNOBS, equal_budget_configs, estimate_budget, format_budget_table
+from ssvd_peft.budget import (
+    KNOBS,
+    BudgetMatch,
+    BudgetShortfallWarning,
+    equal_budget_configs,
+    estimate_budget,
+    format_budget_table,
+)
 from ssvd_peft.config import PeftConfigError, config_from_dict
 
 
@@ -71,9 +80,20 @@ def _run_budget(args: argparse.Namespace) -> None:
     report = estimate_budget(model, config_from_dict(method, options))
     print(format_budget_table(report))
     if args.compare:
-        targets = {key: options[key] for key in ("target_modules", "exclude_modules") if key in options}
-        methods = {name: targets for name in KNOBS if name != "hdmole"}
         print(f"\nevery method at this block's budget ({report.trainable:,} trainable parameters):")
-        for name, config in equal_budget_configs(model, report.trainable, methods).items():
-            total = estimate_budget(model, config).trainable
-            print(f"  {name:<7} {KNOBS[name]} = {getattr(config, KNOBS[name]):<5} trainable {total:,}")
+        print(f"  {method:<7} this block        trainable {report.trainable:,}")
+        for match in compare_methods(model, method, options, report.trainable).values():
+            reach = "" if match.reached else f"  out of reach: {match.shortfall:+,}"
+            print(
+                f"  {match.method:<7} {match.knob} = {match.value:<10} trainable {match.trainable:,}{reach}"
+            )
+
+
+def compare_methods(model: Any, method: str, options: dict[str, Any], budget: int) -> dict[str, BudgetMatch]:
+    """Every other method (HDMoLE aside) at ``budget`` on the block's targets; the block's own
+    method stays as the block configures it (its options and overrides)."""
+    targets = {key: options[key] for key in ("target_modules", "exclude_modules") if key in options}
+    others = {name: targets for name in KNOBS if name not in ("hdmole", method)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetShortfallWarning)
+        return equal_budget_configs(model, budget, others)

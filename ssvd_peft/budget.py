@@ -11,13 +11,18 @@ Closed forms per adapted in -> out layer (see each layer's ``trainable_split``):
 ``format_budget_table`` groups a plan by model part (encoder / decoder / other), by block
 (attention / feed-forward / other) and by subspace (inner = input side, outer = output side,
 values = singular-value shifts). ``equal_budget_configs`` picks every method's rank or k so that
-all methods train (nearly) the same number of parameters, the comparison the papers make.
+all methods train (nearly) the same number of parameters, the comparison the papers make; a
+method that cannot come within one knob step of the budget (its largest rank or k trains too
+little, or its smallest too much) is reported with its shortfall and a ``BudgetShortfallWarning``,
+or refused with ``strict=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -103,21 +108,70 @@ def format_budget_table(report: InjectionReport, per_module: bool = True) -> str
     return "\n".join(lines)
 
 
+class BudgetShortfallWarning(UserWarning):
+    """A method cannot train the requested number of parameters within one step of its knob."""
+
+
+@dataclass(frozen=True)
+class BudgetMatch:
+    """One method's config for a budget: its knob value, what it trains, and how far that is.
+
+    ``step`` is the change in the trainable count from ``value`` to the next value of the knob
+    (to the previous one at the largest value); ``reached`` is True when the count is within one
+    step of the budget, False when the budget lies beyond every value the knob can take.
+    """
+
+    method: str
+    config: AdapterConfig
+    knob: str
+    value: int
+    trainable: int
+    budget: int
+    step: int
+
+    @property
+    def shortfall(self) -> int:
+        """budget - trainable: positive when the method trains fewer parameters than asked."""
+        return self.budget - self.trainable
+
+    @property
+    def reached(self) -> bool:
+        return abs(self.shortfall) <= self.step
+
+    def describe(self) -> str:
+        side = "below" if self.shortfall > 0 else "above"
+        return (
+            f"{self.method}: the budget of {self.budget:,} trainable parameters is out of reach; the "
+            f"closest, {self.knob} = {self.value}, trains {self.trainable:,} ({abs(self.shortfall):,} "
+            f"{side} it, one {self.knob} step = {self.step:,}); change the targets or the budget"
+        )
+
+
 def equal_budget_configs(
     model: nn.Module,
     budget: int,
     methods: dict[str, dict[str, Any]],
-) -> dict[str, AdapterConfig]:
+    strict: bool = False,
+) -> dict[str, BudgetMatch]:
     """For each method, the config whose total trainable count is closest to ``budget``.
 
     ``methods`` maps a method name to its other options (target_modules and so on); the knob
-    (rank for LoRA/DoRA/PiSSA, k for SSVD/SSVD-O) is searched over 1 .. the largest value every
-    targeted layer allows. The result is within one knob step of ``budget``.
+    (``KNOBS``: rank for LoRA/DoRA/PiSSA/HDMoLE, k for SSVD/SSVD-O) is searched over 1 .. the
+    largest value every targeted layer allows. A match is within one knob step of ``budget``
+    unless the budget is out of the knob's reach: then a ``BudgetShortfallWarning`` names the
+    shortfall (``strict``: a ``PeftConfigError``), and the match says so (``reached``).
     """
-    return {method: _closest_config(model, budget, method, options) for method, options in methods.items()}
+    matches = {method: _closest_config(model, budget, method, options) for method, options in methods.items()}
+    for match in matches.values():
+        if match.reached:
+            continue
+        if strict:
+            raise PeftConfigError(match.describe())
+        warnings.warn(match.describe(), BudgetShortfallWarning, stacklevel=2)
+    return matches
 
 
-def _closest_config(model: nn.Module, budget: int, method: str, options: dict[str, Any]) -> AdapterConfig:
+def _closest_config(model: nn.Module, budget: int, method: str, options: dict[str, Any]) -> BudgetMatch:
     if method not in KNOBS:
         config_from_dict(method, options)  # raises the unknown-method error
     knob = KNOBS[method]
@@ -128,7 +182,7 @@ def _closest_config(model: nn.Module, budget: int, method: str, options: dict[st
     ]
     adapter_class = ADAPTER_CLASSES[method]
     limit = min(min(in_features, out_features) for _, in_features, out_features in layers)
-    best: tuple[int, AdapterConfig] | None = None
+    totals: list[tuple[int, int, AdapterConfig]] = []  # (value, total, config), value ascending
     for value in range(1, limit + 1):
         config = dataclasses.replace(template, **{knob: value})
         try:
@@ -138,14 +192,16 @@ def _closest_config(model: nn.Module, budget: int, method: str, options: dict[st
             )
         except ValueError:
             continue
-        distance = abs(total - budget)
-        if best is None or distance < best[0]:
-            best = (distance, config)
-        if total > budget:
+        totals.append((value, total, config))
+        if total > budget and len(totals) > 1:
             break
-    if best is None:
+    if not totals:
         raise PeftConfigError(f"{method}: no {knob} fits the targeted layers")
-    return best[1]
+    index = min(range(len(totals)), key=lambda i: abs(totals[i][1] - budget))
+    value, total, config = totals[index]
+    neighbour = index + 1 if index + 1 < len(totals) else index - 1
+    step = abs(totals[neighbour][1] - total) if neighbour >= 0 else total
+    return BudgetMatch(method, config, knob, value, total, budget, step)
 
 
 def _clip(text: str, width: int) -> str:

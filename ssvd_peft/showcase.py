@@ -153,7 +153,8 @@ def run_showcase(steps: int = 300, pretrain_steps: int = 600, seed: int = 0) -> 
     budget = estimate_budget(base, "lora", target_modules=TARGETS, rank=2).trainable
     methods = {method: {"target_modules": TARGETS} for method in ("lora", "dora", "pissa", "ssvd", "ssvd_o")}
     ssvd_o_table = ""
-    for method, config in equal_budget_configs(base, budget, methods).items():
+    for method, match in equal_budget_configs(base, budget, methods, strict=True).items():
+        config = match.config
         model = copy.deepcopy(base)
         report = inject_adapters(model, config)
         if method == "ssvd_o":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
 from ssvd_peft.budget import (
+    BudgetShortfallWarning,
     block_kind,
     budget_groups,
     equal_budget_configs,
@@ -194,9 +196,14 @@ def test_equal_budget_configs_pick_the_closest_total_within_one_knob_step(budget
         "ssvd": {"target_modules": BUDGET_TARGETS},
         "ssvd_o": {"target_modules": BUDGET_TARGETS, "outer_share": 0.3},
     }
-    configs = equal_budget_configs(tiny_asr, budget, methods)
-    assert list(configs) == list(methods)
-    for method, config in configs.items():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetShortfallWarning)
+        matches = equal_budget_configs(tiny_asr, budget, methods)
+    assert list(matches) == list(methods)
+    for method, match in matches.items():
+        config = match.config
+        assert (match.knob, match.value) == (KNOBS[method], getattr(config, KNOBS[method]))
+        assert match.trainable == total_for(tiny_asr, config, match.value)
         for option, value in methods[method].items():
             assert getattr(config, option) == value
         value = getattr(config, KNOBS[method])
@@ -222,6 +229,41 @@ def test_the_budgets_above_span_below_inside_and_beyond_the_methods_ranges(tiny_
     dora = estimate_budget(tiny_asr, "dora", target_modules=BUDGET_TARGETS, rank=1).trainable
     ssvd = estimate_budget(tiny_asr, "ssvd", target_modules=BUDGET_TARGETS, k=LARGEST_KNOB).trainable
     assert (lora, dora, ssvd) == (704, 1056, 2720)
+
+
+def test_a_budget_out_of_reach_is_warned_with_its_shortfall_and_refused_when_strict(tiny_asr):
+    """LoRA tops out at rank 16 (704 x 16 = 11,264) on these layers: 60,000 cannot be reached."""
+    methods = {"lora": {"target_modules": BUDGET_TARGETS}, "ssvd": {"target_modules": BUDGET_TARGETS}}
+    with pytest.warns(BudgetShortfallWarning) as caught:
+        matches = equal_budget_configs(tiny_asr, 60_000, methods)
+    lora = matches["lora"]
+    assert (lora.value, lora.trainable, lora.step) == (16, 11_264, 704)
+    assert lora.shortfall == 60_000 - 11_264 and not lora.reached
+    messages = [str(w.message) for w in caught]
+    assert any(
+        "lora: the budget of 60,000" in m and "rank = 16, trains 11,264 (48,736 below it" in m
+        for m in messages
+    )
+    assert any(m.startswith("ssvd: ") for m in messages)
+    with pytest.raises(
+        PeftConfigError, match="lora: the budget of 60,000 trainable parameters is out of reach"
+    ):
+        equal_budget_configs(tiny_asr, 60_000, methods, strict=True)
+
+
+def test_a_budget_below_the_smallest_step_is_out_of_reach_too(tiny_asr):
+    """DoRA's magnitudes alone are 352 parameters; rank 1 trains 1,056, two ranks' steps above 100."""
+    with pytest.warns(BudgetShortfallWarning, match="dora: the budget of 100 .* above it"):
+        match = equal_budget_configs(tiny_asr, 100, {"dora": {"target_modules": BUDGET_TARGETS}})["dora"]
+    assert (match.value, match.trainable, match.step) == (1, 1056, 704)
+
+
+def test_budgets_inside_the_range_are_reached_without_a_warning(tiny_asr):
+    methods = {m: {"target_modules": BUDGET_TARGETS} for m in KNOBS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetShortfallWarning)
+        matches = equal_budget_configs(tiny_asr, 2000, methods, strict=True)
+    assert all(match.reached for match in matches.values())
 
 
 def test_equal_budget_configs_refuse_an_unknown_method(tiny_asr):

@@ -203,6 +203,11 @@ def test_every_peft_config_trains_the_budget_and_hdmole_that_of_all_domains(tmp_
     main = yaml.safe_load((conf / "ssvd_o.yaml").read_text())["peft_conf"]
     assert split == {**main, "outer_share": 0.5, "k": split["k"]}
     assert yaml.safe_load((conf / "main_settings.json").read_text()) == {"budget": "8", "split": "0.25"}
+    shortfalls = yaml.safe_load((conf / "budget_shortfalls.json").read_text())
+    for name, entry in shortfalls.items():
+        assert entry["trainable"] == trainable[name] and entry["budget"] != entry["trainable"], name
+    within_reach = [name for name in trainable if name not in shortfalls and name.split("@")[0] != "hdmole"]
+    assert {"lora", "ssvd", "ssvd_o"} <= set(within_reach)
 
 
 def test_each_method_trains_with_its_own_options_over_the_shared_ones(tmp_path: Path) -> None:

@@ -75,9 +75,26 @@ def test_the_budget_command_prints_the_table_and_equal_budgets(base_model, tmp_p
     assert f"trainable {lora_total:,} of" in out
     assert "[encoder / feed_forward] 4 modules" in out
     assert "[decoder / feed_forward] 2 modules" in out
-    assert "lora    rank = 4 " in out
+    assert f"  lora    this block        trainable {lora_total:,}" in out
     for method in ("dora", "pissa", "ssvd", "ssvd_o"):
-        assert f"  {method:<7} " in out
+        assert f"  {method:<7} {'rank' if method in ('dora', 'pissa') else 'k'} = " in out
+
+
+def test_the_budget_comparison_keeps_the_blocks_own_options(base_model, tmp_path: Path) -> None:
+    """An SSVD-O block with its own split and overrides is compared as it is, not from the defaults."""
+    config, _ = base_model
+    conf = {
+        "target_modules": ["linear_q", "w_1"],
+        "k_ratio": 0.4,
+        "outer_share": 0.25,
+        "module_overrides": {r"decoder\..*": {"k_ratio": 0.2}},
+    }
+    block = tmp_path / "peft.yaml"
+    block.write_text(yaml.safe_dump({"peft": "ssvd_o", "peft_conf": conf}))
+    out = run_command("budget", "--config", str(config), "--peft", str(block), "--compare")
+    total = int(out.split("trainable ")[1].split(" of")[0].replace(",", ""))
+    rows = [line for line in out.splitlines() if line.startswith("  ssvd_o ")]
+    assert rows == [f"  ssvd_o  this block        trainable {total:,}"]
 
 
 def test_the_budget_command_explains_a_missing_block(base_model, tmp_path: Path) -> None:

@@ -23,14 +23,18 @@ Runs (one line each in ``runs.tsv``, see local/runs.py):
   (``<domain>/<method>@n<value>``; data dir ``<data>/fewshot/<domain>_adapt_n<value>``).
 
 The sweeps run on the ``sweeps.domains`` of the adapters file. ``trainable.json`` records the
-planned trainable count of every config (full: every parameter of the model), ``main_settings.json``
-the main runs' place on the sweeps' axes (the reference rank or k, SSVD-O's outer share).
+planned trainable count of every config (full: every parameter of the model),
+``budget_shortfalls.json`` every config whose method cannot come within one rank or k step of its
+budget (its budget and trainable count; also printed), ``main_settings.json`` the main runs' place
+on the sweeps' axes (the reference rank or k, SSVD-O's outer share).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,7 @@ import yaml
 from runs import SWEEPS, Run, write_runs
 
 from espnet_plugins.modules import build_meta_model
-from ssvd_peft.budget import KNOBS, equal_budget_configs, estimate_budget
+from ssvd_peft.budget import KNOBS, BudgetMatch, BudgetShortfallWarning, equal_budget_configs, estimate_budget
 
 MODEL_KEYS = (
     "frontend", "frontend_conf", "specaug", "specaug_conf", "normalize", "normalize_conf", "model",
@@ -66,13 +70,11 @@ def reference_budget(model: Any, adapters: dict[str, Any], value: int | None = N
     return estimate_budget(model, method, **{**method_options(adapters, method, []), **reference}).trainable
 
 
-def peft_blocks(model: Any, budget: int, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{method: peft_conf} with each method's rank or k chosen for the budget."""
-    configs = equal_budget_configs(model, budget, methods)
-    return {
-        method: {**methods[method], KNOBS[method]: getattr(config, KNOBS[method])}
-        for method, config in configs.items()
-    }
+def budget_matches(model: Any, budget: int, methods: dict[str, dict[str, Any]]) -> dict[str, BudgetMatch]:
+    """Each method's rank or k for the budget (a shortfall is recorded by the planner, not warned)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetShortfallWarning)
+        return equal_budget_configs(model, budget, methods)
 
 
 class Planner:
@@ -91,7 +93,19 @@ class Planner:
         self.model, self.base, self.finetune, self.adapters = model, base, finetune, adapters
         self.out_dir, self.data, self.domains = out_dir, data, domains
         self.trainable: dict[str, int] = {}
+        self.shortfalls: dict[str, dict[str, int]] = {}
         self.runs: list[Run] = []
+
+    def peft_config(
+        self, name: str, options: dict[str, Any], match: BudgetMatch
+    ) -> tuple[str, dict[str, Any]]:
+        """Write the config of ``match`` (the method's ``options`` at its rank or k); a budget out of the
+        method's reach is recorded in ``shortfalls`` and printed. (config path, peft_conf block)"""
+        if not match.reached:
+            print(f"warning: {name}: {match.describe()}", file=sys.stderr)
+            self.shortfalls[name] = {"budget": match.budget, "trainable": match.trainable}
+        block = {**options, match.knob: match.value}
+        return self.write_config(name, match.method, block), block
 
     def write_config(self, name: str, method: str, block: dict[str, Any] | None) -> str:
         training = {**self.finetune, **((self.adapters.get("training") or {}).get(method) or {})}
@@ -119,12 +133,16 @@ class Planner:
     def main_runs(self, methods: list[str]) -> dict[str, dict[str, Any]]:
         budget = reference_budget(self.model, self.adapters)
         options = {m: method_options(self.adapters, m, self.domains) for m in methods if m != "full"}
-        blocks = peft_blocks(self.model, budget, {m: o for m, o in options.items() if m != "hdmole"})
+        matches = budget_matches(self.model, budget, {m: o for m, o in options.items() if m != "hdmole"})
         if "hdmole" in options:  # one model for every domain: the budget of the per-domain adapters together
             hdmole_budget = budget * len(self.domains)
-            blocks.update(peft_blocks(self.model, hdmole_budget, {"hdmole": options["hdmole"]}))
+            matches.update(budget_matches(self.model, hdmole_budget, {"hdmole": options["hdmole"]}))
+        blocks: dict[str, dict[str, Any]] = {}
         for method in methods:
-            config = self.write_config(method, method, blocks.get(method))
+            if method == "full":
+                config = self.write_config(method, method, None)
+            else:
+                config, blocks[method] = self.peft_config(method, options[method], matches[method])
             if method == "hdmole":
                 data = f"{self.data}/combined"
                 name = f"{ALL_DOMAINS}/{method}"
@@ -157,16 +175,16 @@ class Planner:
                     m: method_options(self.adapters, m, self.domains) for m in spec["budget"]["methods"]
                 }
                 budget = reference_budget(self.model, self.adapters, value)
-                for method, block in peft_blocks(self.model, budget, options).items():
-                    name = f"{method}@b{value}"
-                    configs.append((method, "budget", str(value), self.write_config(name, method, block)))
+                for method, match in budget_matches(self.model, budget, options).items():
+                    config, _ = self.peft_config(f"{method}@b{value}", options[method], match)
+                    configs.append((method, "budget", str(value), config))
         if "split" in sweeps:
             budget = reference_budget(self.model, self.adapters)
             for share in spec["split"]["outer_share"]:
                 options = {**method_options(self.adapters, "ssvd_o", self.domains), "outer_share": share}
-                block = peft_blocks(self.model, budget, {"ssvd_o": options})["ssvd_o"]
-                name = f"ssvd_o@outer{share}"
-                configs.append(("ssvd_o", "split", str(share), self.write_config(name, "ssvd_o", block)))
+                match = budget_matches(self.model, budget, {"ssvd_o": options})["ssvd_o"]
+                config, _ = self.peft_config(f"ssvd_o@outer{share}", options, match)
+                configs.append(("ssvd_o", "split", str(share), config))
         for domain in domains:
             for method, sweep, value, config in configs:
                 self.add_domain_run(domain, Path(config).stem, method, sweep, value, config)
@@ -210,6 +228,7 @@ def main() -> None:
     if sweeps:
         planner.sweep_runs(sweeps, methods)
     (args.out_dir / "trainable.json").write_text(json.dumps(planner.trainable, indent=1) + "\n")
+    (args.out_dir / "budget_shortfalls.json").write_text(json.dumps(planner.shortfalls, indent=1) + "\n")
     reference = dict(adapters["budget"])
     main_settings = {"budget": str(reference[KNOBS[reference["method"]]])}
     if "ssvd_o" in blocks:
