@@ -119,10 +119,18 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def peft_options(args: argparse.Namespace) -> PeftOptions | None:
-    """The peft block of ``args``, or None when no adapter method is set."""
+    """The peft block of ``args``, or None when no adapter method is set. ESPnet's own adapters
+    (``use_adapter: true``) in the same config are refused."""
     method = getattr(args, "peft", None)
     if method is None:
         return None
+    if getattr(args, "use_adapter", False):
+        raise PeftConfigError(
+            f"--peft {method} and ESPnet's own --use_adapter true (--adapter "
+            f"{getattr(args, 'adapter', None)}) both put adapters into the model: ESPnet's would wrap "
+            "layers the peft block already wrapped, and adapter-only model files would drop its "
+            "tensors. Use one of them: remove use_adapter / adapter / adapter_conf, or the peft block"
+        )
     return PeftOptions(
         method=method,
         conf=dict(getattr(args, "peft_conf", None) or {}),

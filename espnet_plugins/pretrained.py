@@ -14,13 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from espnet2.torch_utils.load_pretrained_model import load_pretrained_model
 from espnet2.train.class_choices import ClassChoices
 from torch import nn
 
 from espnet_plugins.options import PeftOptions
+from espnet_plugins.state import read_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ def load_full_state(model: nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise PretrainedModelError(f"--peft_pretrained {path!r} does not exist")
     logger.info("Loading the pretrained base model from %s", path)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "module" in state:
-        state = state["module"]
+    state = read_model_file(path, "--peft_pretrained", weights_only=False)
     missing, unexpected = _key_differences(model, state)
     if missing or unexpected:
         raise PretrainedModelError(

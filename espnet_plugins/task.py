@@ -11,7 +11,9 @@ Order of events when the config has a peft block:
   4. the adapters are injected into the loaded weights (SVD-based methods factorise them;
      HDMoLE also gets its domain router and auxiliary losses, ``hdmole.py``), everything but
      the adapters and --peft_modules_to_save is frozen, and the budget is logged;
-  5. with --peft_save adapter, model files hold only the adapter entries (``state.py``).
+  5. with --peft_save adapter, model files hold only the adapter entries (``state.py``);
+  6. in training, before anything is written, a --resume checkpoint must fit the model, and the
+     first optimizer step refuses adapters that received no gradient.
 Without a peft block the task is the base task.
 """
 
@@ -29,13 +31,28 @@ from espnet2.train.abs_espnet_model import AbsESPnetModel
 
 from espnet_plugins.hdmole import DOMAIN_KEY, DomainNames, attach_hdmole
 from espnet_plugins.options import PeftOptions, add_peft_arguments, peft_options
-from espnet_plugins.pretrained import adopt_pretrained_architecture, architecture_keys, load_base_weights
-from espnet_plugins.state import keep_adapter_entries, load_adapter_entries
+from espnet_plugins.pretrained import (
+    PretrainedModelError,
+    adopt_pretrained_architecture,
+    architecture_keys,
+    load_base_weights,
+    pretrained_config_path,
+)
+from espnet_plugins.state import (
+    check_adapter_entries,
+    keep_adapter_entries,
+    load_adapter_entries,
+    read_model_file,
+)
 from espnet_plugins.trainer import PeftTrainer, budget_summary
+from ssvd_peft.checkpoint import AdapterCheckpointError
 from ssvd_peft.config import AdapterConfig
+from ssvd_peft.gradient_check import require_adapter_gradients
 from ssvd_peft.inject import InjectionReport, inject_adapters, mark_only_adapters_trainable, merge_adapters
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pth"
 
 
 class PeftTaskMixin:
@@ -92,11 +109,45 @@ class PeftTaskMixin:
         config = options.adapter_config()
         cls.adopt_pretrained_architecture(args, options)
         _record_init_param(args, options)
-        model = super().build_model(args)
+        model = cls.build_base_model(args, options)
         load_base_weights(model, options, getattr(args, "ignore_init_mismatch", False))
         report = attach_adapters(model, options, config)
         logger.info("Parameter-efficient fine-tuning with %s:\n%s", report.method, budget_summary(model))
         return model
+
+    @classmethod
+    def build_base_model(cls, args: argparse.Namespace, options: PeftOptions) -> AbsESPnetModel:
+        """The base task's model; an architecture taken from a pretrained config of another task
+        (an S2T model given to the ASR task, say) fails with a message that names the file."""
+        try:
+            return super().build_model(args)
+        except TypeError as error:
+            source = pretrained_config_path(options)
+            if source is None:
+                raise
+            raise PretrainedModelError(
+                f"{cls.__name__} cannot build a model from the architecture in {str(source)!r} "
+                f"(the config of --peft_pretrained {options.pretrained!r}): {error}. The pretrained model "
+                "is probably of another task: an OWSM / speech-to-text model needs "
+                "espnet_plugins.bin.s2t_train, an ASR model espnet_plugins.bin.asr_train"
+            ) from None
+
+    @classmethod
+    def build_optimizers(
+        cls, args: argparse.Namespace, model: torch.nn.Module
+    ) -> list[torch.optim.Optimizer]:
+        """Training only, before anything is written to --output_dir: a --resume checkpoint must fit
+        the model with its adapters. The base task's optimizers then check, at their first step,
+        that every trainable adapter parameter received a gradient (``require_adapter_gradients``)."""
+        options = peft_options(args)
+        if options is None:
+            return super().build_optimizers(args, model)
+        if getattr(args, "resume", False):
+            check_resumable(model, Path(args.output_dir), options.modules_to_save)
+        optimizers = super().build_optimizers(args, model)
+        for optimizer in optimizers:
+            require_adapter_gradients(model, optimizer)
+        return optimizers
 
     @classmethod
     def adopt_pretrained_architecture(cls, args: argparse.Namespace, options: PeftOptions) -> None:
@@ -122,8 +173,8 @@ class PeftTaskMixin:
             return super().build_model_from_file(config_file, model_file, device)
         model = cls.build_model(args)
         if model_file is not None:
-            state = torch.load(model_file, map_location="cpu", weights_only=True)
-            load_adapter_entries(model, state.get("module", state), options.modules_to_save, str(model_file))
+            state = read_model_file(model_file, "model file")
+            load_adapter_entries(model, state, options.modules_to_save, str(model_file))
         if cls.merge_on_load:
             merge_adapters(model)
         return model.to(device), args
@@ -140,6 +191,23 @@ def attach_adapters(model: torch.nn.Module, options: PeftOptions, config: Adapte
     model.peft_options = options
     model.peft_report = report
     return report
+
+
+def check_resumable(model: torch.nn.Module, output_dir: Path, modules_to_save: list[str]) -> None:
+    """Refuse --resume when ``output_dir/checkpoint.pth`` does not fit ``model`` (another peft block),
+    before ESPnet writes config.yaml or the budget over the experiment's own."""
+    checkpoint = output_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        return
+    states = read_model_file(checkpoint, "--resume checkpoint", weights_only=False)
+    try:
+        check_adapter_entries(model, states["model"], modules_to_save, str(checkpoint))
+    except AdapterCheckpointError as error:
+        raise AdapterCheckpointError(
+            f"--resume: {error}; it was written with another peft block. Nothing in {str(output_dir)!r} "
+            f"was changed: resume with the config it was trained with ({output_dir / 'config.yaml'}), "
+            "or train into a new --output_dir"
+        ) from None
 
 
 def with_merged_adapters(task: type[Any]) -> type[Any]:

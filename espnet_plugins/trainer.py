@@ -13,7 +13,7 @@ import torch
 from espnet2.train.trainer import Trainer
 
 from espnet_plugins.hdmole import STATS_DIR
-from espnet_plugins.state import is_adapter_entry, load_adapter_entries
+from espnet_plugins.state import is_adapter_entry, load_adapter_entries, read_model_file
 from ssvd_peft.inject import is_adapter_parameter
 from ssvd_peft.layers.base import ADAPTERS_ATTR
 
@@ -103,7 +103,7 @@ class PeftTrainer(Trainer):
         if options is None:
             Trainer.resume(checkpoint, model, reporter, optimizers, schedulers, scaler, ngpu, strict)
             return
-        states = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        states = read_model_file(checkpoint, "--resume checkpoint", weights_only=False)
         load_adapter_entries(model, states["model"], options.modules_to_save, str(checkpoint))
         Trainer.resume(checkpoint, model, reporter, optimizers, schedulers, scaler, ngpu, strict=False)
 

@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "conf" / "tiny" / "asr_transformer.yaml"
 
 
-def run_module(module: str, args: list[str], cwd: Path, log: Path) -> str:
-    """``python -m module args`` in ``cwd`` with stdout+stderr in ``log``; the log text on success."""
+def run_module(module: str, args: list[str], cwd: Path, log: Path, expect_failure: bool = False) -> str:
+    """``python -m module args`` in ``cwd`` with stdout+stderr in ``log``; the log text on success
+    (with ``expect_failure``: the log text of a run that failed, and a test failure if it did not)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with log.open("w") as out:
@@ -22,6 +23,10 @@ def run_module(module: str, args: list[str], cwd: Path, log: Path) -> str:
             [sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     text = log.read_text()
+    if expect_failure:
+        if result.returncode == 0:
+            pytest.fail(f"python -m {module} succeeded where it should have failed; see {log}")
+        return text
     if result.returncode != 0:
         pytest.fail(f"python -m {module} failed ({result.returncode}); last lines of {log}:\n{text[-3000:]}")
     return text

@@ -10,6 +10,7 @@ with ``espnet_plugins.bin.asr_inference`` (with and without merging), exported w
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -200,6 +201,28 @@ def test_resumed_training_reaches_the_same_adapter(
     assert resumed.keys() == straight.keys()
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_resume_with_another_peft_block_is_refused_before_anything_is_written(
+    work: Path, pretrained: Path, ssvd_o: tuple[Path, str]
+) -> None:
+    exp = work / "exp" / "resume_changed"
+    shutil.copytree(ssvd_o[0], exp)
+    written = {path.name: path.read_bytes() for path in exp.iterdir() if path.is_file()}
+    config = yaml.safe_load(SSVD_O_CONFIG.read_text())
+    config["peft_conf"] = {**config["peft_conf"], "outer_share": 0.25}
+    (work / "changed.yaml").write_text(yaml.safe_dump(config))
+    args = ["--config", str(work / "changed.yaml"), "--peft_pretrained", str(pretrained)]
+    args += ["--output_dir", str(exp), "--max_epoch", str(ADAPT_EPOCHS + 1), "--resume", "true"]
+    args += data_args("train", work / "data" / "adapt") + data_args("valid", work / "data" / "test")
+
+    log = run_module(
+        "espnet_plugins.bin.asr_train", args, work, work / "resume_changed.log", expect_failure=True
+    )
+
+    assert "--resume: " in log and "was written with another peft block" in log
+    assert "other shapes ['encoder.encoders.0.self_attn.linear_q.peft_adapters.default.ssvd_" in log
+    assert {path.name: path.read_bytes() for path in exp.iterdir() if path.is_file()} == written
 
 
 def test_distributed_training_on_cpu_with_two_processes(work: Path, pretrained: Path) -> None:

@@ -216,3 +216,24 @@ def test_entry_points_train_decode_and_export(pretrained: Path, tmp_path: Path) 
     adapted = read_text_file(tmp_path / "adapted" / "1best_recog" / "text")
     assert adapted.keys() == read_text_file(data / "text").keys()
     assert read_text_file(tmp_path / "stock" / "1best_recog" / "text") == adapted
+
+
+def test_an_s2t_model_given_to_the_asr_task_is_named_as_the_cause(pretrained: Path, tmp_path: Path) -> None:
+    """OWSM's model_conf (sym_na, ...) does not build an ASR model: the error says which file and task."""
+    from espnet_plugins.pretrained import PretrainedModelError
+    from espnet_plugins.tasks.asr import PeftASRTask
+
+    owsm = tmp_path / "owsm"
+    owsm.mkdir()
+    config = yaml.safe_load((pretrained.parent / "config.yaml").read_text())
+    config["model_conf"] = {"sym_na": "<na>", "ctc_weight": 0.3}  # as OWSM's config.yaml sets it
+    (owsm / "config.yaml").write_text(yaml.safe_dump(config))
+    (owsm / "model.pth").write_bytes(pretrained.read_bytes())
+    finetune = {**PEFT, "peft_pretrained": str(owsm / "model.pth"), "output_dir": str(tmp_path / "exp")}
+    args = parse(PeftASRTask, finetune, tmp_path / "finetune.yaml")
+    with pytest.raises(PretrainedModelError) as caught:
+        PeftASRTask.build_model(args)
+    message = str(caught.value)
+    assert f"--peft_pretrained '{owsm / 'model.pth'}'" in message
+    assert str(owsm / "config.yaml") in message and "sym_na" in message
+    assert "espnet_plugins.bin.s2t_train" in message
