@@ -5,13 +5,13 @@ tone corpus, then adapted to a pitch-shifted domain with ``espnet_plugins.bin.as
 a peft block in the YAML (SSVD-O with adapter-only model files; LoRA with full ones), decoded
 with ``espnet_plugins.bin.asr_inference`` (with and without merging), exported with
 ``espnet_plugins.bin.export_merged`` and decoded again by stock ``espnet2.bin.asr_inference``.
+Distributed training of every method is in ``test_round_trip_espnet.py``.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -223,22 +223,3 @@ def test_a_resume_with_another_peft_block_is_refused_before_anything_is_written(
     assert "--resume: " in log and "was written with another peft block" in log
     assert "other shapes ['encoder.encoders.0.self_attn.linear_q.peft_adapters.default.ssvd_" in log
     assert {path.name: path.read_bytes() for path in exp.iterdir() if path.is_file()} == written
-
-
-def test_distributed_training_on_cpu_with_two_processes(work: Path, pretrained: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    exp = work / "exp" / "distributed"
-    args = ["--nproc_per_node", "2", "--master_port", str(port), "-m", "espnet_plugins.bin.asr_train"]
-    args += ["--config", str(SSVD_O_CONFIG), "--peft_pretrained", str(pretrained), "--output_dir", str(exp)]
-    args += ["--ngpu", "0", "--dist_backend", "gloo", "--max_epoch", "2"]
-    args += data_args("train", work / "data" / "adapt") + data_args("valid", work / "data" / "test")
-    log = run_module("torch.distributed.run", args, work, work / "distributed.log")
-    assert re.search(r":0/2\] .* 2epoch results", log)
-    losses = train_losses(log)
-    assert len(losses) == 2 and losses[1] < losses[0]
-    state = torch.load(exp / "2epoch.pth", map_location="cpu")
-    assert all(
-        ".peft_adapters." in key or key.startswith("ctc.ctc_lo.") or "fingerprint" in key for key in state
-    )
