@@ -172,7 +172,9 @@ def adapted_stack(base: LinearStack, method: str, **options: object) -> tuple[Li
 
 def lora_rank_for_budget(base: LinearStack, budget: int) -> int:
     """LoRA rank whose total trainable count over the stack is closest to ``budget``."""
-    return equal_budget_configs(base, budget, {"lora": {"target_modules": TARGETS}}, strict=True)["lora"].value
+    return equal_budget_configs(base, budget, {"lora": {"target_modules": TARGETS}}, strict=True)[
+        "lora"
+    ].value
 
 
 def variant_path(name: str, case: Case) -> str:

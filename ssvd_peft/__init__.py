@@ -15,6 +15,7 @@ from ssvd_peft.config import (
     SsvdOConfig,
     config_from_dict,
 )
+from ssvd_peft.gradient_check import require_adapter_gradients
 from ssvd_peft.inject import (
     inject_adapters,
     mark_only_adapters_trainable,
@@ -42,6 +43,7 @@ __all__ = [
     "mark_only_adapters_trainable",
     "merge_adapters",
     "merge_and_unload",
+    "require_adapter_gradients",
     "set_adapter",
     "unload",
     "unmerge_adapters",
