@@ -95,11 +95,15 @@ def read_model_file(path: str | Path, role: str, weights_only: bool = True) -> d
 
 
 def check_adapter_entries(
-    model: nn.Module, state: Mapping[str, Any], modules_to_save: list[str], source: str
+    model: nn.Module,
+    state: Mapping[str, Any],
+    modules_to_save: list[str],
+    source: str,
+    fix: str = "Use the config.yaml it was trained with",
 ) -> None:
     """Refuse, without changing ``model``, an adapter-only (or full) state dict that lacks adapter
-    entries, has entries the model does not, or entries of other shapes, or was trained on another
-    base model."""
+    entries, has entries the model does not, or entries of other shapes (the message ends with
+    ``fix``), or was trained on another base model."""
     state = dict(state)
     fingerprints = {
         key[: -len(FINGERPRINT) - 1]: state.pop(key) for key in list(state) if key.endswith(f".{FINGERPRINT}")
@@ -118,7 +122,7 @@ def check_adapter_entries(
         raise AdapterCheckpointError(
             f"{source!r} does not fit this model with its adapters: missing {missing[:5]} "
             f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all), "
-            f"other shapes {resized[:3]} ({len(resized)} in all). Use the config.yaml it was trained with"
+            f"other shapes {resized[:3]} ({len(resized)} in all). {fix}"
         )
 
 

@@ -45,7 +45,6 @@ from espnet_plugins.state import (
     read_model_file,
 )
 from espnet_plugins.trainer import PeftTrainer, budget_summary
-from ssvd_peft.checkpoint import AdapterCheckpointError
 from ssvd_peft.config import AdapterConfig
 from ssvd_peft.gradient_check import require_adapter_gradients
 from ssvd_peft.inject import InjectionReport, inject_adapters, mark_only_adapters_trainable, merge_adapters
@@ -200,14 +199,11 @@ def check_resumable(model: torch.nn.Module, output_dir: Path, modules_to_save: l
     if not checkpoint.is_file():
         return
     states = read_model_file(checkpoint, "--resume checkpoint", weights_only=False)
-    try:
-        check_adapter_entries(model, states["model"], modules_to_save, str(checkpoint))
-    except AdapterCheckpointError as error:
-        raise AdapterCheckpointError(
-            f"--resume: {error}; it was written with another peft block. Nothing in {str(output_dir)!r} "
-            f"was changed: resume with the config it was trained with ({output_dir / 'config.yaml'}), "
-            "or train into a new --output_dir"
-        ) from None
+    fix = (
+        f"It was written with another peft block; nothing in {str(output_dir)!r} was changed. Resume with "
+        f"the config it was trained with ({output_dir / 'config.yaml'}), or train into a new --output_dir"
+    )
+    check_adapter_entries(model, states["model"], modules_to_save, f"--resume: {checkpoint}", fix)
 
 
 def with_merged_adapters(task: type[Any]) -> type[Any]:
