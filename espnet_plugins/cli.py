@@ -21,7 +21,6 @@ import yaml
 
 from espnet_plugins.modules import STOCK_TASKS, build_meta_model, targetable_modules
 from ssvd_peft.budget import (
-    KNOBS,
     BudgetMatch,
     BudgetShortfallWarning,
     equal_budget_configs,
@@ -29,6 +28,7 @@ from ssvd_peft.budget import (
     format_budget_table,
 )
 from ssvd_peft.config import PeftConfigError, config_from_dict
+from ssvd_peft.registry import get_method, method_names
 
 
 def register(commands: Any) -> None:
@@ -93,7 +93,7 @@ def compare_methods(model: Any, method: str, options: dict[str, Any], budget: in
     """Every other method (HDMoLE aside) at ``budget`` on the block's targets; the block's own
     method stays as the block configures it (its options and overrides)."""
     targets = {key: options[key] for key in ("target_modules", "exclude_modules") if key in options}
-    others = {name: targets for name in KNOBS if name not in ("hdmole", method)}
+    others = {name: targets for name in method_names() if name != method and get_method(name).exact_merge}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetShortfallWarning)
         return equal_budget_configs(model, budget, others)

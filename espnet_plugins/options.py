@@ -21,8 +21,9 @@ from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 
 from espnet_plugins.hdmole import HdmoleOptions
-from ssvd_peft.config import CONFIG_CLASSES, AdapterConfig, PeftConfigError, config_from_dict
-from ssvd_peft.inject import DEFAULT_ADAPTER
+from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
+from ssvd_peft.layers.base import DEFAULT_ADAPTER
+from ssvd_peft.registry import method_names
 
 SAVE_MODES = ("adapter", "all")
 
@@ -57,7 +58,7 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
         "--peft",
         type=str_or_none,
         default=None,
-        choices=[*CONFIG_CLASSES, None],
+        choices=[*method_names(), None],
         help="Adapter method; the base model is frozen and only the adapters train",
     )
     group.add_argument(

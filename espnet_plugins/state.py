@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ssvd_peft.checkpoint import AdapterCheckpointError, check_base_model
-from ssvd_peft.inject import is_adapter_parameter, iter_adapter_layers
+from ssvd_peft.inject import iter_adapter_layers
+from ssvd_peft.layers.base import is_adapter_parameter
 from ssvd_peft.targets import matches_any
 
 FINGERPRINT = "base_fingerprint"

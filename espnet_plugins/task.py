@@ -45,9 +45,10 @@ from espnet_plugins.state import (
     read_model_file,
 )
 from espnet_plugins.trainer import PeftTrainer, budget_summary
+from ssvd_peft.budget import InjectionReport
 from ssvd_peft.config import AdapterConfig
 from ssvd_peft.gradient_check import require_adapter_gradients
-from ssvd_peft.inject import InjectionReport, inject_adapters, mark_only_adapters_trainable, merge_adapters
+from ssvd_peft.inject import inject_adapters, mark_only_adapters_trainable, merge_adapters
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,7 @@ from espnet2.train.trainer import Trainer
 
 from espnet_plugins.hdmole import STATS_DIR
 from espnet_plugins.state import is_adapter_entry, load_adapter_entries, read_model_file
-from ssvd_peft.inject import is_adapter_parameter
-from ssvd_peft.layers.base import ADAPTERS_ATTR
+from ssvd_peft.layers.base import ADAPTERS_ATTR, is_adapter_parameter
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Trainable-parameter budgets: per module, per subspace, in total, and equal across methods.
 
-Closed forms per adapted in -> out layer (see each layer's ``trainable_split``):
+Closed forms per adapted in -> out layer (each method's config's ``trainable_split``):
 
     LoRA, PiSSA   r (in + out)
     DoRA          r (in + out) + out
@@ -28,12 +28,44 @@ from typing import Any
 from torch import nn
 
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
-from ssvd_peft.inject import DEFAULT_ADAPTER, InjectionReport, find_target_layers, plan_injection
-from ssvd_peft.layers import ADAPTER_CLASSES
+from ssvd_peft.layers.base import DEFAULT_ADAPTER, AdapterLinear, TrainableSplit, is_adapter_parameter
+from ssvd_peft.registry import get_method
+from ssvd_peft.targets import find_target_layers
 
 ATTENTION_MARKERS = ("attn", "attention", "linear_q", "linear_k", "linear_v", "linear_out")
 FEED_FORWARD_MARKERS = ("feed_forward", "w_1", "w_2", "ffn", "mlp", "channel_proj", "merge_proj", "fc")
-KNOBS = {"lora": "rank", "dora": "rank", "pissa": "rank", "ssvd": "k", "ssvd_o": "k", "hdmole": "rank"}
+
+
+@dataclass(frozen=True)
+class InjectedModule:
+    """One adapted layer: where it is, its shape and its trainable-parameter count."""
+
+    name: str
+    method: str
+    in_features: int
+    out_features: int
+    split: TrainableSplit
+
+    @property
+    def trainable(self) -> int:
+        return self.split.total
+
+
+@dataclass
+class InjectionReport:
+    """What an injection does (or did): the adapted modules and the parameter totals."""
+
+    adapter_name: str
+    method: str
+    modules: list[InjectedModule]
+    model_parameters: int
+
+    @property
+    def trainable(self) -> int:
+        return sum(module.trainable for module in self.modules)
+
+    def __str__(self) -> str:
+        return format_budget_table(self)
 
 
 def model_part(module_name: str) -> str:
@@ -59,10 +91,20 @@ def block_kind(module_name: str) -> str:
 def estimate_budget(
     model: nn.Module, config: AdapterConfig | str, adapter_name: str = DEFAULT_ADAPTER, **options: Any
 ) -> InjectionReport:
-    """The plan of ``inject_adapters`` (modules and parameter counts) without changing the model."""
+    """What ``inject_adapters`` would add (modules and parameter counts), without changing the
+    model; every target and every layer's options are checked."""
     if isinstance(config, str):
         config = config_from_dict(config, options)
-    return plan_injection(model, config, adapter_name)
+    base_parameters = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+    report = InjectionReport(adapter_name, config.method, [], base_parameters)
+    for name, layer in find_target_layers(model, config).items():
+        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
+        try:
+            split = config.for_module(name).trainable_split(base.in_features, base.out_features)
+        except ValueError as error:
+            raise PeftConfigError(f"module {name!r}: {error}") from None
+        report.modules.append(InjectedModule(name, config.method, base.in_features, base.out_features, split))
+    return report
 
 
 def budget_groups(report: InjectionReport) -> dict[tuple[str, str], dict[str, int]]:
@@ -155,9 +197,9 @@ def equal_budget_configs(
 ) -> dict[str, BudgetMatch]:
     """For each method, the config whose total trainable count is closest to ``budget``.
 
-    ``methods`` maps a method name to its other options (target_modules and so on); the knob
-    (``KNOBS``: rank for LoRA/DoRA/PiSSA/HDMoLE, k for SSVD/SSVD-O) is searched over 1 .. the
-    largest value every targeted layer allows. A match is within one knob step of ``budget``
+    ``methods`` maps a method name to its other options (target_modules and so on); the method's
+    knob (its registry entry's: rank for LoRA/DoRA/PiSSA/HDMoLE, k for SSVD/SSVD-O) is searched
+    over 1 .. the largest value every targeted layer allows. A match is within one knob step of ``budget``
     unless the budget is out of the knob's reach: then a ``BudgetShortfallWarning`` names the
     shortfall (``strict``: a ``PeftConfigError``), and the match says so (``reached``).
     """
@@ -172,22 +214,19 @@ def equal_budget_configs(
 
 
 def _closest_config(model: nn.Module, budget: int, method: str, options: dict[str, Any]) -> BudgetMatch:
-    if method not in KNOBS:
-        config_from_dict(method, options)  # raises the unknown-method error
-    knob = KNOBS[method]
+    knob = get_method(method).knob
     template = config_from_dict(method, options)
     layers = [
         (name, layer.in_features, layer.out_features)
         for name, layer in find_target_layers(model, template).items()
     ]
-    adapter_class = ADAPTER_CLASSES[method]
     limit = min(min(in_features, out_features) for _, in_features, out_features in layers)
     totals: list[tuple[int, int, AdapterConfig]] = []  # (value, total, config), value ascending
     for value in range(1, limit + 1):
         config = dataclasses.replace(template, **{knob: value})
         try:
             total = sum(
-                adapter_class.num_trainable(config.for_module(name), in_features, out_features)
+                config.for_module(name).trainable_split(in_features, out_features).total
                 for name, in_features, out_features in layers
             )
         except ValueError:

@@ -28,15 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssvd_peft.budget import InjectionReport
 from ssvd_peft.config import config_from_dict
 from ssvd_peft.inject import (
-    DEFAULT_ADAPTER,
-    InjectionReport,
     delete_adapter,
     inject_adapters,
     iter_adapter_layers,
 )
-from ssvd_peft.layers.base import ADAPTERS_ATTR, AdapterLinear, weight_fingerprint
+from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER, AdapterLinear, weight_fingerprint
 from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
 
 FORMAT = "ssvd-peft-adapter"

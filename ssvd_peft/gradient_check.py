@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssvd_peft.inject import is_adapter_parameter
+from ssvd_peft.layers.base import is_adapter_parameter
 
 
 class AdapterGradientError(RuntimeError):

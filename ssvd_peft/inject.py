@@ -18,47 +18,12 @@ from typing import Any
 
 from torch import nn
 
+from ssvd_peft.budget import InjectionReport, estimate_budget
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
-from ssvd_peft.layers import ADAPTER_CLASSES, AdapterLinear
-from ssvd_peft.layers.base import ADAPTERS_ATTR, TrainableSplit
+from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER, AdapterLinear, is_adapter_parameter
 from ssvd_peft.layers.hdmole import detach_domain_router
-from ssvd_peft.targets import closest_names, matches, matches_any
-
-DEFAULT_ADAPTER = "default"
-
-
-@dataclass(frozen=True)
-class InjectedModule:
-    """One adapted layer: where it is, its shape and its trainable-parameter count."""
-
-    name: str
-    method: str
-    in_features: int
-    out_features: int
-    split: TrainableSplit
-
-    @property
-    def trainable(self) -> int:
-        return self.split.total
-
-
-@dataclass
-class InjectionReport:
-    """What ``inject_adapters`` did: the adapted modules and the parameter totals."""
-
-    adapter_name: str
-    method: str
-    modules: list[InjectedModule]
-    model_parameters: int
-
-    @property
-    def trainable(self) -> int:
-        return sum(module.trainable for module in self.modules)
-
-    def __str__(self) -> str:
-        from ssvd_peft.budget import format_budget_table
-
-        return format_budget_table(self)
+from ssvd_peft.registry import get_method
+from ssvd_peft.targets import closest_names, matches
 
 
 def inject_adapters(
@@ -73,22 +38,24 @@ def inject_adapters(
 
     ``config`` is a config object or a method name whose options come as keyword arguments.
     The wrapped base layers are always frozen; with ``freeze_base`` every other parameter of the
-    model is frozen too, so that only the new adapter trains.
+    model is frozen too, so that only the new adapter trains. Everything is checked first (the
+    targets, every layer's options, room for another adapter on an adapted layer); a failure on
+    the way undoes what was done.
     """
     if isinstance(config, str):
         config = config_from_dict(config, options)
     elif options:
         raise TypeError("pass options either inside the config object or with a method name, not both")
-    plan = plan_injection(model, config, adapter_name)
-    adapter_class = ADAPTER_CLASSES[config.method]
+    plan = estimate_budget(model, config, adapter_name)
+    for planned in plan.modules:
+        _check_can_add(planned.name, model.get_submodule(planned.name), adapter_name, config.method)
     touched: list[_Touched] = []
     try:
         for planned in plan.modules:
             layer = model.get_submodule(planned.name)
             touched.append(_Touched.record(planned.name, layer))
             wrapper = layer if isinstance(layer, AdapterLinear) else _wrap(model, planned.name, layer)
-            adapter = adapter_class(wrapper.base_layer, config.for_module(planned.name))
-            wrapper.add_adapter(adapter_name, adapter)
+            wrapper.add_adapter(adapter_name, config.for_module(planned.name).build(wrapper.base_layer))
     except BaseException:
         for record in reversed(touched):
             record.restore(model, adapter_name)
@@ -101,71 +68,6 @@ def inject_adapters(
     if freeze_base:
         mark_only_adapters_trainable(model, adapter_name=adapter_name)
     return plan
-
-
-def plan_injection(
-    model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER
-) -> InjectionReport:
-    """What ``inject_adapters`` would do, checked in full, without changing the model."""
-    adapter_class = ADAPTER_CLASSES[config.method]
-    base_parameters = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
-    report = InjectionReport(adapter_name, config.method, [], base_parameters)
-    for name, layer in find_target_layers(model, config).items():
-        base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
-        _check_can_add(name, layer, adapter_name, config.method)
-        try:
-            split = adapter_class.trainable_split(
-                config.for_module(name), base.in_features, base.out_features
-            )
-        except ValueError as error:
-            raise PeftConfigError(f"module {name!r}: {error}") from None
-        report.modules.append(InjectedModule(name, config.method, base.in_features, base.out_features, split))
-    return report
-
-
-def find_target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
-    """The linear layers (plain or already wrapped) that ``config`` targets, by module name."""
-    candidates = dict(_candidate_modules(model))
-    targets: dict[str, nn.Module] = {}
-    for pattern in config.target_modules:
-        matched = {name: module for name, module in candidates.items() if matches(pattern, name)}
-        if not matched:
-            close = closest_names(pattern, list(candidates))
-            hint = f" Closest module names: {', '.join(close)}." if close else ""
-            raise PeftConfigError(
-                f"target pattern {pattern!r} matches no module of {type(model).__name__}.{hint} "
-                "Use a dot-suffix of a module name (linear_q) or a regex for the full name; "
-                "`ssvd-peft modules` lists the candidates."
-            )
-        linear = {name: module for name, module in matched.items() if _is_linear(module)}
-        if not linear:
-            inside = [
-                f"{name}.{child}"
-                for name, module in matched.items()
-                for child, sub in module.named_modules()
-                if child and _is_linear(sub)
-            ]
-            hint = f" Linear layers inside: {', '.join(inside[:3])}." if inside else ""
-            examples = ", ".join(
-                f"{name} ({type(module).__name__})" for name, module in list(matched.items())[:3]
-            )
-            raise PeftConfigError(
-                f"target pattern {pattern!r} matches only modules that are not nn.Linear: {examples}. "
-                f"Adapters wrap nn.Linear layers; target the Linear layers inside them.{hint}"
-            )
-        targets.update(linear)
-    targets = {
-        name: module
-        for name, module in candidates.items()
-        if name in targets and not matches_any(config.exclude_modules, name)
-    }
-    if not targets:
-        raise PeftConfigError(
-            f"exclude_modules {config.exclude_modules} removes every target; nothing is left to adapt"
-        )
-    for name in targets:
-        _check_forward_is_called(model, name)
-    return targets
 
 
 def iter_adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
@@ -263,42 +165,11 @@ def mark_only_adapters_trainable(
         )
 
 
-def is_adapter_parameter(parameter_name: str, adapter_name: str | None = None) -> bool:
-    """True for parameters under ``peft_adapters.<adapter_name>.`` (any adapter if None)."""
-    marker = f"{ADAPTERS_ATTR}."
-    if marker not in parameter_name:
-        return False
-    return adapter_name is None or f"{marker}{adapter_name}." in parameter_name
-
-
 def _in_saved_module(parameter_name: str, modules_to_save: list[str]) -> bool:
     module_name = parameter_name.rsplit(".", 1)[0]
     parts = module_name.split(".")
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(matches(pattern, prefix) for pattern in modules_to_save for prefix in prefixes)
-
-
-def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules a pattern may target: everything but the insides of wrappers."""
-    for name, module in model.named_modules():
-        if not name or ".base_layer" in f".{name}" or ADAPTERS_ATTR in name.split("."):
-            continue
-        yield name, module
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | AdapterLinear)
-
-
-def _check_forward_is_called(model: nn.Module, name: str) -> None:
-    parent_name = name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.MultiheadAttention):
-        raise PeftConfigError(
-            f"module {name!r} belongs to torch.nn.MultiheadAttention, which reads its weight "
-            "directly and never calls its forward, so an adapter there would do nothing. "
-            "Exclude it (exclude_modules) or adapt the layers around the attention."
-        )
 
 
 def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) -> None:
@@ -314,12 +185,13 @@ def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) 
             f"module {name!r} has adapter {layer.merged_adapter!r} merged into its weight, so a new "
             "adapter would be built from the merged weight; call unmerge_adapters(model) first"
         )
-    owner = next((n for n, a in layer.peft_adapters.items() if a.rewrites_base), None)
-    if owner is not None or method == "pissa":
+    owner = next(((n, a) for n, a in layer.peft_adapters.items() if a.rewrites_base), None)
+    if owner is not None or get_method(method).rewrites_base:
+        who = f"adapter {owner[0]!r} ({type(owner[1]).__name__})" if owner else f"a {method} adapter"
         raise PeftConfigError(
-            f"module {name!r}: PiSSA rewrites the base weight to its residual, so it cannot share "
-            f"a layer with other adapters (this layer has {list(layer.peft_adapters)}); "
-            "use separate model copies or unload the existing adapters first"
+            f"module {name!r}: {who} rewrites the base weight, so it cannot share a layer with other "
+            f"adapters (this layer has {list(layer.peft_adapters)}); use separate model copies or "
+            "unload the existing adapters first"
         )
 
 

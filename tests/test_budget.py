@@ -19,6 +19,7 @@ from ssvd_peft.budget import (
 )
 from ssvd_peft.config import PeftConfigError, config_from_dict
 from ssvd_peft.inject import inject_adapters
+from ssvd_peft.registry import get_method
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_out", "w_1", "w_2"]
 METHODS = {
@@ -178,7 +179,7 @@ def test_budget_table_without_module_rows_keeps_groups_and_total(tiny_asr):
 
 
 BUDGET_TARGETS = ["linear_q", "linear_v", "w_1", "w_2"]
-KNOBS = {"lora": "rank", "dora": "rank", "pissa": "rank", "ssvd": "k", "ssvd_o": "k"}
+KNOBS = {method: get_method(method).knob for method in ("lora", "dora", "pissa", "ssvd", "ssvd_o")}
 LARGEST_KNOB = 16  # every targeted layer has min(in, out) = 16
 
 

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from torch import nn
 
-from ssvd_peft.config import (
-    CONFIG_CLASSES,
-    DoraConfig,
-    LoraConfig,
-    PeftConfigError,
-    PissaConfig,
-    SsvdConfig,
-    SsvdOConfig,
-    config_from_dict,
-)
+from ssvd_peft.config import PeftConfigError, config_from_dict
+from ssvd_peft.methods.dora import DoraConfig
+from ssvd_peft.methods.lora import LoraConfig
+from ssvd_peft.methods.pissa import PissaConfig
+from ssvd_peft.methods.ssvd import SsvdConfig, SsvdOConfig
+from ssvd_peft.registry import get_method, method_names
 
 METHOD_BLOCKS = {
     "lora": ("rank: 4\nalpha: 8.0\ndropout: 0.1\nuse_rslora: true", LoraConfig),
@@ -46,7 +43,7 @@ def test_to_dict_rebuilds_the_same_config(method):
 
 def test_the_method_table_maps_each_method_to_its_config_class():
     for method, (_, config_class) in METHOD_BLOCKS.items():
-        assert CONFIG_CLASSES[method] is config_class
+        assert get_method(method).config is config_class
 
 
 def test_a_single_target_string_becomes_a_list():
@@ -68,9 +65,11 @@ def test_an_empty_yaml_block_asks_for_target_modules_and_a_list_is_refused():
 
 
 def test_rslora_scaling_uses_the_square_root_of_the_rank():
-    assert config_from_dict("lora", {"target_modules": ["q"], "rank": 4, "alpha": 8.0}).scaling == 2.0
+    layer = nn.Linear(8, 8)
+    plain = config_from_dict("lora", {"target_modules": ["q"], "rank": 4, "alpha": 8.0})
+    assert plain.build(layer).scaling == 2.0
     rs = config_from_dict("lora", {"target_modules": ["q"], "rank": 4, "alpha": 8.0, "use_rslora": True})
-    assert rs.scaling == 4.0
+    assert rs.build(layer).scaling == 4.0
 
 
 def test_unknown_method_is_refused_with_a_close_match_and_the_choices():
@@ -79,7 +78,7 @@ def test_unknown_method_is_refused_with_a_close_match_and_the_choices():
     message = str(error.value)
     assert "'ssvdo'" in message
     assert "Did you mean 'ssvd_o'" in message
-    for method in CONFIG_CLASSES:
+    for method in method_names():
         assert method in message
 
 

@@ -21,9 +21,9 @@ from ssvd_peft.inject import (
     unload,
     unmerge_adapters,
 )
-from ssvd_peft.layers import ADAPTER_CLASSES
 from ssvd_peft.layers.base import AdapterLinear
 from ssvd_peft.layers.hdmole import attach_domain_router, merge_domain_experts
+from ssvd_peft.registry import get_method
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_out", "w_1", "w_2"]
 METHODS = {
@@ -205,7 +205,7 @@ def test_a_failed_second_adapter_leaves_the_first_one_as_it_was(tiny_asr, asr_in
     before = snapshot(tiny_asr)
     with pytest.raises(PeftConfigError, match="already has an adapter named 'accent'"):
         inject(tiny_asr, "ssvd", "accent")
-    with pytest.raises(PeftConfigError, match="PiSSA"):
+    with pytest.raises(PeftConfigError, match="a pissa adapter rewrites the base weight"):
         inject(tiny_asr, "pissa", "child")
     with pytest.raises(PeftConfigError, match="rank 17"):
         inject_adapters(tiny_asr, "lora", "child", target_modules=["w_1", "w_2"], rank=17)
@@ -213,24 +213,24 @@ def test_a_failed_second_adapter_leaves_the_first_one_as_it_was(tiny_asr, asr_in
     torch.testing.assert_close(tiny_asr(*asr_inputs), expected, rtol=0, atol=0)
 
 
-class FailingOnThirdLayer:
-    """An adapter class whose third construction fails, as a singular value decomposition can."""
+def fail_on_third_layer(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Make the third adapter ``method`` builds fail, as a singular value decomposition can."""
+    config_class = get_method(method).config
+    build = config_class.build
+    calls = []
 
-    def __init__(self, adapter_class: type) -> None:
-        self.adapter_class = adapter_class
-        self.trainable_split = adapter_class.trainable_split
-        self.calls = 0
-
-    def __call__(self, base_layer: nn.Linear, config) -> nn.Module:
-        self.calls += 1
-        if self.calls == 3:
+    def failing(config, base_layer: nn.Linear) -> nn.Module:
+        calls.append(base_layer)
+        if len(calls) == 3:
             raise RuntimeError("linalg.svd: the algorithm failed to converge")
-        return self.adapter_class(base_layer, config)
+        return build(config, base_layer)
+
+    monkeypatch.setattr(config_class, "build", failing)
 
 
 @pytest.mark.parametrize("method", ["pissa", "ssvd_o"])
 def test_an_error_while_building_an_adapter_undoes_the_layers_already_wrapped(method, tiny_asr, monkeypatch):
-    monkeypatch.setitem(ADAPTER_CLASSES, method, FailingOnThirdLayer(ADAPTER_CLASSES[method]))
+    fail_on_third_layer(monkeypatch, method)
     before = snapshot(tiny_asr)
     with pytest.raises(RuntimeError, match="failed to converge"):
         inject_adapters(tiny_asr, method, target_modules=TARGETS, init_weights=False)
@@ -245,7 +245,7 @@ def test_an_error_while_building_a_second_adapter_keeps_the_first_one_active(
     mark_only_adapters_trainable(tiny_asr, modules_to_save=["ctc.ctc_lo"])
     expected = tiny_asr(*asr_inputs)
     before = snapshot(tiny_asr)
-    monkeypatch.setitem(ADAPTER_CLASSES, "ssvd", FailingOnThirdLayer(ADAPTER_CLASSES["ssvd"]))
+    fail_on_third_layer(monkeypatch, "ssvd")
     with pytest.raises(RuntimeError, match="failed to converge"):
         inject_adapters(tiny_asr, "ssvd", "child", target_modules=TARGETS, k=4)
     assert_unchanged(tiny_asr, before)
@@ -375,12 +375,15 @@ def test_set_adapter_only_touches_layers_that_have_it(tiny_asr, asr_inputs):
 
 def test_pissa_cannot_share_a_layer_with_another_adapter(tiny_asr):
     inject_adapters(tiny_asr, "pissa", "principal", target_modules=["w_1"], rank=2)
-    with pytest.raises(PeftConfigError, match=r"PiSSA rewrites the base weight.*\['principal'\]"):
+    with pytest.raises(
+        PeftConfigError,
+        match=r"adapter 'principal' \(PissaAdapter\) rewrites the base weight.*\['principal'\]",
+    ):
         inject_adapters(tiny_asr, "lora", "other", target_modules=["w_1"], rank=2)
     other = copy.deepcopy(tiny_asr)
     unload(other)
     inject_adapters(other, "lora", "first", target_modules=["w_1"], rank=2)
-    with pytest.raises(PeftConfigError, match=r"PiSSA.*\['first'\]"):
+    with pytest.raises(PeftConfigError, match=r"a pissa adapter rewrites the base weight.*\['first'\]"):
         inject_adapters(other, "pissa", "second", target_modules=["w_1"], rank=2)
     inject_adapters(tiny_asr, "lora", "elsewhere", target_modules=["w_2"], rank=2)
 

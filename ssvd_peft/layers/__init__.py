@@ -1,4 +1,8 @@
-"""One module per method; each adapter wraps a frozen nn.Linear through AdapterLinear."""
+"""One module per method's math; each adapter wraps a frozen nn.Linear through AdapterLinear.
+
+Layers take explicit arguments and never import configs or injection: a method's config
+(``ssvd_peft.methods``) turns options into those arguments.
+"""
 
 from ssvd_peft.layers.base import Adapter, AdapterLinear
 from ssvd_peft.layers.dora import DoraAdapter
@@ -6,21 +10,13 @@ from ssvd_peft.layers.hdmole import HdmoleAdapter
 from ssvd_peft.layers.lora import LoraAdapter
 from ssvd_peft.layers.pissa import PissaAdapter
 from ssvd_peft.layers.ssvd import SsvdAdapter
-
-ADAPTER_CLASSES: dict[str, type[Adapter]] = {
-    "lora": LoraAdapter,
-    "dora": DoraAdapter,
-    "pissa": PissaAdapter,
-    "ssvd": SsvdAdapter,
-    "ssvd_o": SsvdAdapter,
-    "hdmole": HdmoleAdapter,
-}
+from ssvd_peft.layers.ssvd_espnet import EspnetSsvdAdapter
 
 __all__ = [
-    "ADAPTER_CLASSES",
     "Adapter",
     "AdapterLinear",
     "DoraAdapter",
+    "EspnetSsvdAdapter",
     "HdmoleAdapter",
     "LoraAdapter",
     "PissaAdapter",

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 ADAPTERS_ATTR = "peft_adapters"
+DEFAULT_ADAPTER = "default"
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,29 @@ class TrainableSplit:
         return self.inner + self.outer + self.values
 
 
+def is_adapter_parameter(parameter_name: str, adapter_name: str | None = None) -> bool:
+    """True for parameters under ``peft_adapters.<adapter_name>.`` (any adapter if None)."""
+    marker = f"{ADAPTERS_ATTR}."
+    if marker not in parameter_name:
+        return False
+    return adapter_name is None or f"{marker}{adapter_name}." in parameter_name
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype weight updates are computed in: float64 for float64 weights, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Adapter(nn.Module, ABC):
-    """One method's adapter of one linear layer: its trainable parameters and its math."""
+    """One method's adapter of one linear layer: its trainable parameters and its math.
 
-    @staticmethod
-    @abstractmethod
-    def trainable_split(config: Any, in_features: int, out_features: int) -> TrainableSplit:
-        """Closed-form trainable-parameter counts of this adapter on an in -> out layer."""
+    ``rewrites_base``: creating it changes the base weight (it then owns the layer alone and
+    implements ``original_base_weight``, ``keep_original`` and ``rebase``); ``exact_merge``: its
+    update is one weight matrix (``delta_weight``), so merging is exact.
+    """
 
-    @classmethod
-    def num_trainable(cls, config: Any, in_features: int, out_features: int) -> int:
-        return cls.trainable_split(config, in_features, out_features).total
+    rewrites_base: ClassVar[bool] = False
+    exact_merge: ClassVar[bool] = True
 
     @abstractmethod
     def forward(self, x: torch.Tensor, base_layer: nn.Linear) -> torch.Tensor:
@@ -87,11 +95,6 @@ class Adapter(nn.Module, ABC):
 
     def release(self, base_layer: nn.Linear) -> None:
         """Undo any change the adapter made to the base layer when it was created."""
-
-    @property
-    def rewrites_base(self) -> bool:
-        """True if creating the adapter changed the base weight (it then owns the layer alone)."""
-        return False
 
     def original_base_weight(self, base_layer: nn.Linear) -> torch.Tensor:
         """The base weight as it was before this adapter rewrote it (only if ``rewrites_base``)."""

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssvd_peft.config import DoraConfig
-from ssvd_peft.layers.base import TrainableSplit, compute_dtype
+from ssvd_peft.layers.base import compute_dtype
 from ssvd_peft.layers.lora import LoraAdapter
 
 NORM_FLOOR = 1e-12
@@ -26,19 +25,21 @@ NORM_FLOOR = 1e-12
 class DoraAdapter(LoraAdapter):
     """LoRA direction update with a learned per-row magnitude."""
 
-    def __init__(self, base_layer: nn.Linear, config: DoraConfig) -> None:
-        super().__init__(base_layer, config)
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, use_rslora, init_weights)
         self.magnitude = nn.Parameter(
             self.row_norm(base_layer.weight).to(base_layer.weight.dtype).detach().clone()
         )
         self.register_buffer("merged_row_norm", None, persistent=False)
         self.register_buffer("merged_zero_rows", None, persistent=False)
-
-    @staticmethod
-    def trainable_split(config: DoraConfig, in_features: int, out_features: int) -> TrainableSplit:
-        """LoRA's r (in + out) plus the out magnitudes (outer)."""
-        lora = LoraAdapter.trainable_split(config, in_features, out_features)
-        return TrainableSplit(inner=lora.inner, outer=lora.outer + out_features)
 
     def direction(self, base_weight: torch.Tensor) -> torch.Tensor:
         """V = W + scale B A, in float32+."""

@@ -43,9 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssvd_peft.config import HdmoleConfig
-from ssvd_peft.layers.base import ADAPTERS_ATTR, Adapter, AdapterLinear, TrainableSplit, compute_dtype
-from ssvd_peft.layers.lora import check_rank
+from ssvd_peft.layers.base import ADAPTERS_ATTR, Adapter, AdapterLinear, compute_dtype
 from ssvd_peft.layers.routing import (
     IGNORE_DOMAIN,
     DomainRouter,
@@ -71,55 +69,66 @@ MERGE_REFUSAL = (
 
 
 class HdmoleAdapter(Adapter):
-    """N LoRA experts weighted per token by hierarchical routing and a dynamic threshold."""
+    """N LoRA experts weighted per token by hierarchical routing and a dynamic threshold.
 
-    def __init__(self, base_layer: nn.Linear, config: HdmoleConfig) -> None:
+    ``expert_domains``: the domain id of every expert (-1: shared), so N = len(expert_domains);
+    ``tau_max``: the threshold's upper bound (None: 1 / N, below the largest routing weight, so
+    some expert always passes).
+    """
+
+    exact_merge = False
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        alpha: float,
+        expert_domains: list[int],
+        num_domains: int,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        combination: str = "product",
+        mix_beta: float = 0.5,
+        threshold: str = "learnable",
+        tau_max: float | None = None,
+        init_weights: bool = True,
+    ) -> None:
         super().__init__()
-        check_rank(config, base_layer.in_features, base_layer.out_features)
-        expert_domains = config.expert_domain_map()
         self.num_experts = len(expert_domains)
-        self.num_domains = config.num_domains
-        self.rank = config.rank
-        self.scaling = config.scaling
-        self.combination = config.combination
-        self.mix_beta = config.mix_beta
-        self.tau_max = config.resolved_tau_max
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.num_domains = num_domains
+        self.rank = rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.combination = combination
+        self.mix_beta = mix_beta
+        self.tau_max = 1.0 / self.num_experts if tau_max is None else tau_max
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         in_features, out_features = base_layer.in_features, base_layer.out_features
         factory = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.num_experts, out_features, self.rank, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.num_experts, rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.num_experts, out_features, rank, **factory))
         self.router = nn.Linear(in_features, self.num_experts, **factory)
-        self.threshold_theta = (
-            nn.Parameter(torch.empty((), **factory)) if config.threshold == "learnable" else None
-        )
-        self.threshold_proj = nn.Linear(in_features, 1, **factory) if config.threshold == "input" else None
+        self.threshold_theta = nn.Parameter(torch.empty((), **factory)) if threshold == "learnable" else None
+        self.threshold_proj = nn.Linear(in_features, 1, **factory) if threshold == "input" else None
         self.register_buffer(
             "expert_domain", torch.tensor(expert_domains, device=factory["device"]), persistent=False
         )
-        self.context = RoutingContext(self.num_domains)
+        self.context = RoutingContext(num_domains)
         self.last_routing: RoutingRecord | None = None
         self.merged_domain: int | None = None
-        self.initialize(config.init_weights)
+        self.initialize(init_weights)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles drop the latest routing record (it may hold a graph)."""
         return {**self.__dict__, "last_routing": None}
 
-    @staticmethod
-    def trainable_split(config: HdmoleConfig, in_features: int, out_features: int) -> TrainableSplit:
-        """inner: N r in + N (in + 1) + threshold (1 or in + 1); outer: N r out."""
-        check_rank(config, in_features, out_features)
-        experts = len(config.expert_domain_map())
-        threshold = 1 if config.threshold == "learnable" else in_features + 1
-        inner = experts * config.rank * in_features + experts * (in_features + 1) + threshold
-        return TrainableSplit(inner=inner, outer=experts * config.rank * out_features)
-
-    def initialize(self, identity: bool) -> None:
-        """A_i kaiming-uniform; B_i zero (identity) or random; threshold at tau_max / 2."""
+    def initialize(self, init_weights: bool) -> None:
+        """A_i kaiming-uniform; B_i zero (``init_weights``: the identity) or random; threshold at
+        tau_max / 2."""
         for expert_A in self.lora_A.data:
             nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
-        if identity:
+        if init_weights:
             nn.init.zeros_(self.lora_B)
         else:
             nn.init.normal_(self.lora_B, std=1.0 / self.rank)

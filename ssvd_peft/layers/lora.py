@@ -3,7 +3,8 @@
     y = x W^T + b + scale * (dropout(x) A^T) B^T,   scale = alpha / r  (alpha / sqrt(r): rsLoRA)
 
 A in R^{r x in} starts kaiming-uniform (a = sqrt(5)), B in R^{out x r} starts at zero, so the
-layer starts as the identity. Trainable parameters per layer: r (in + out).
+layer starts as the identity (``init_weights=False``: B random, a non-trivial adapter for tests).
+Trainable parameters per layer: r (in + out).
 """
 
 from __future__ import annotations
@@ -14,36 +15,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssvd_peft.config import LoraConfig
-from ssvd_peft.layers.base import Adapter, TrainableSplit, compute_dtype
+from ssvd_peft.layers.base import Adapter, compute_dtype
 
 
 class LoraAdapter(Adapter):
     """Low-rank update scale * B A beside the frozen weight."""
 
-    def __init__(self, base_layer: nn.Linear, config: LoraConfig) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_weights: bool = True,
+    ) -> None:
         super().__init__()
-        check_rank(config, base_layer.in_features, base_layer.out_features)
-        self.rank = config.rank
-        self.scaling = config.scaling
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        dtype, device = base_layer.weight.dtype, base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(self.rank, base_layer.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(
-            torch.empty(base_layer.out_features, self.rank, dtype=dtype, device=device)
-        )
-        self.initialize(config.init_weights)
+        self.rank = rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, **factory))
+        self.initialize(init_weights)
 
-    @staticmethod
-    def trainable_split(config: LoraConfig, in_features: int, out_features: int) -> TrainableSplit:
-        """A: r in (inner), B: r out (outer)."""
-        check_rank(config, in_features, out_features)
-        return TrainableSplit(inner=config.rank * in_features, outer=config.rank * out_features)
-
-    def initialize(self, identity: bool) -> None:
-        """A kaiming-uniform; B zero (identity) or random (a non-trivial adapter)."""
+    def initialize(self, init_weights: bool) -> None:
+        """A kaiming-uniform; B zero (``init_weights``: the identity) or random (a non-trivial adapter)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if identity:
+        if init_weights:
             nn.init.zeros_(self.lora_B)
         else:
             nn.init.normal_(self.lora_B, std=1.0 / self.rank)
@@ -58,14 +59,3 @@ class LoraAdapter(Adapter):
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(base_weight.dtype)
         return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
-
-
-def check_rank(config: LoraConfig, in_features: int, out_features: int) -> None:
-    """A rank beyond min(in, out) adds parameters and no expressiveness: refuse it."""
-    limit = min(in_features, out_features)
-    if config.rank > limit:
-        raise ValueError(
-            f"{config.method}: rank {config.rank} is larger than this layer allows "
-            f"(min(in={in_features}, out={out_features}) = {limit}); "
-            f"lower rank, or give this module a smaller one in module_overrides"
-        )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssvd_peft.config import PissaConfig
 from ssvd_peft.layers.base import compute_dtype
 from ssvd_peft.layers.lora import LoraAdapter
 from ssvd_peft.layers.svd import top_singular_triplets
@@ -29,10 +28,22 @@ from ssvd_peft.layers.svd import top_singular_triplets
 class PissaAdapter(LoraAdapter):
     """LoRA whose factors start as the principal part of W, on the residual W_res."""
 
-    def __init__(self, base_layer: nn.Linear, config: PissaConfig) -> None:
-        super().__init__(base_layer, config)
-        self.svd_method = config.svd_method
-        self.svd_niter = config.svd_niter
+    rewrites_base = True
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        svd_method: str = "full",
+        svd_niter: int = 4,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, use_rslora, init_weights)
+        self.svd_method = svd_method
+        self.svd_niter = svd_niter
         self.keep_original(base_layer.weight)
         a0, b0 = self.principal_factors(base_layer.weight)
         self.register_buffer("initial_A", a0.to(base_layer.weight.dtype))
@@ -40,10 +51,10 @@ class PissaAdapter(LoraAdapter):
         self.lora_A.data.copy_(self.initial_A)
         self.lora_B.data.copy_(self.initial_B)
         self.rebase(base_layer)
-        if not config.init_weights:
+        if not init_weights:
             self.perturb()
 
-    def initialize(self, identity: bool) -> None:
+    def initialize(self, init_weights: bool) -> None:
         """Factors come from the SVD in ``__init__``; nothing to draw here."""
 
     def perturb(self) -> None:
@@ -57,10 +68,6 @@ class PissaAdapter(LoraAdapter):
         u, s, v = top_singular_triplets(weight, self.rank, self.svd_method, self.svd_niter)
         root = torch.sqrt(s / self.scaling)
         return root[:, None] * v.T, u * root[None, :]
-
-    @property
-    def rewrites_base(self) -> bool:
-        return True
 
     def keep_original(self, weight: torch.Tensor) -> None:
         """Keep a CPU copy of the original W (its own dtype), the source of W_res and of restores."""

@@ -11,12 +11,8 @@ SSVD has k_out = 0 (P_out = I): the input (acoustic) side rotates, the outputs k
 directions. SSVD-O also rotates the output (semantic) side. Trainable parameters per layer:
 k + k_in (k_in - 1) / 2 + k_out (k_out - 1) / 2; all start at zero, so W' = W.
 
-``espnet_compat`` reproduces ESPnet master's SSVDLinear: k = floor(k_ratio m) (ESPnet's
-``int(m * rotation_ratio)``), the shift is gated, d' = sigmoid(g) d, the rotation is first-order,
-A = I + 2S, and it acts on the singular vectors of the SMALLER side (out >= in: P_in^T = A;
-out < in: P_out = A^T). It also starts where ESPnet's layer starts: g = 0 and d drawn
-kaiming-uniform, d_i ~ U(-sqrt(6 / k), sqrt(6 / k)), so W' = W + U_k diag(d / 2) V_k^T != W.
-Trainable: k + 1 + k_in (k_in - 1) / 2.
+ESPnet master's variant (gated shift, first-order rotation) is ``ssvd_espnet.EspnetSsvdAdapter``.
+The sizes k, k_in, k_out come resolved from the config (``ssvd_peft.methods.ssvd``).
 
 Precision: the k x k core M is computed in float64 from the stored factors (U_k, s_k, V_k in
 the weight's dtype) and the trainable parameters (float32, or float64 for a float64 weight),
@@ -35,16 +31,12 @@ In training both keep only x V_k (T x k) for backward, never W', and share one b
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ssvd_peft.config import SsvdConfig, SsvdOConfig
-from ssvd_peft.layers.base import Adapter, TrainableSplit, compute_dtype
+from ssvd_peft.layers.base import Adapter, compute_dtype
 from ssvd_peft.layers.rotation import (
     ROTATION_DTYPE,
     num_skew_params,
@@ -52,68 +44,6 @@ from ssvd_peft.layers.rotation import (
     skew_from_params,
 )
 from ssvd_peft.layers.svd import top_singular_triplets
-
-
-@dataclass(frozen=True)
-class SsvdDims:
-    """Sizes of one layer's SSVD adapter: subspace k, inner rotation k_in, outer rotation k_out."""
-
-    k: int
-    k_in: int
-    k_out: int
-
-
-def rotation_size_for_budget(budget: float) -> int:
-    """The largest j with j (j - 1) / 2 <= budget (0 when no rotation fits).
-
-    The budget is first rounded down to whole parameters, tolerating float error from a share
-    (0.2 * 15 = 2.9999999999999996 is 3 parameters).
-    """
-    whole = math.floor(max(budget, 0.0) + 1e-9)
-    size = (1 + math.isqrt(1 + 8 * whole)) // 2
-    return size if size >= 2 else 0
-
-
-def ssvd_dims(config: SsvdConfig, in_features: int, out_features: int) -> SsvdDims:
-    """Resolve k, k_in and k_out of one layer from the config (see SsvdConfig / SsvdOConfig)."""
-    m = min(in_features, out_features)
-    k = config.k if config.k is not None else subspace_size(config.k_ratio, m, config.espnet_compat)
-    if k > m:
-        raise ValueError(
-            f"{config.method}: k = {k} is larger than this layer allows "
-            f"(min(in={in_features}, out={out_features}) = {m}); lower k (or k_ratio), "
-            "or give this module a smaller k in module_overrides"
-        )
-    if isinstance(config, SsvdOConfig):
-        budget = config.rotation_budget if config.rotation_budget is not None else num_skew_params(k)
-        inner_budget, outer_budget = (1 - config.outer_share) * budget, config.outer_share * budget
-        k_in = config.k_in if config.k_in is not None else min(k, rotation_size_for_budget(inner_budget))
-        k_out = config.k_out if config.k_out is not None else min(k, rotation_size_for_budget(outer_budget))
-    else:
-        k_in = config.k_in if config.k_in is not None else k
-        k_out = 0
-        if config.espnet_compat and out_features < in_features:
-            k_in, k_out = 0, k_in
-    for name, size in (("k_in", k_in), ("k_out", k_out)):
-        if size > k:
-            raise ValueError(
-                f"{config.method}: {name} = {size} exceeds the subspace size k = {k}; lower it or raise k"
-            )
-    return SsvdDims(k=k, k_in=k_in, k_out=k_out)
-
-
-def subspace_size(k_ratio: float, m: int, espnet_compat: bool) -> int:
-    """k from a ratio of m = min(in, out): round(k_ratio m), at least 1; floor(k_ratio m) in
-    espnet_compat, as ESPnet's ``int(m * rotation_ratio)``, which refuses k = 0."""
-    if not espnet_compat:
-        return max(1, round(k_ratio * m))
-    k = int(m * k_ratio)
-    if k < 1:
-        raise ValueError(
-            f"ssvd (espnet_compat): k_ratio {k_ratio} gives k = floor({k_ratio} x {m}) = 0 on this layer, "
-            "as ESPnet's SSVDLinear would refuse; raise k_ratio or give k"
-        )
-    return k
 
 
 def parameter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -207,72 +137,54 @@ def adapted_weight(
 class SsvdAdapter(Adapter):
     """Singular-value shift plus inner (and outer) rotations of the top-k singular vectors.
 
-    Parameters: ``ssvd_shift`` (k), ``ssvd_inner`` (k_in (k_in - 1) / 2, only if k_in >= 2),
-    ``ssvd_outer`` (k_out (k_out - 1) / 2, only if k_out >= 2) and, in espnet_compat,
-    ``ssvd_gate`` (1). A rotation of size 0 has no parameter, so every parameter the adapter
-    registers receives a gradient (DistributedDataParallel requires it).
+    Parameters (named after the method, as LoRA's are): ``ssvd_shift`` d (k), ``ssvd_inner`` the
+    skew parameters of S_in (k_in (k_in - 1) / 2, only if k_in >= 2) and ``ssvd_outer`` those of
+    S_out (k_out (k_out - 1) / 2, only if k_out >= 2). A rotation of size 0 or 1 has no parameter,
+    so every parameter the adapter registers receives a gradient (DistributedDataParallel requires
+    it).
     """
 
-    def __init__(self, base_layer: nn.Linear, config: SsvdConfig) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        k: int,
+        k_in: int,
+        k_out: int = 0,
+        rotation: str = "cayley",
+        neumann_terms: int = 4,
+        init_weights: bool = True,
+    ) -> None:
         super().__init__()
-        self.dims = ssvd_dims(config, base_layer.in_features, base_layer.out_features)
-        self.espnet_compat = config.espnet_compat
-        self.rotation = "first_order" if config.espnet_compat else config.rotation
-        self.neumann_terms = config.neumann_terms
+        self.k, self.k_in, self.k_out = k, k_in, k_out
+        self.rotation = rotation
+        self.neumann_terms = neumann_terms
         weight = base_layer.weight
-        u, s, v = top_singular_triplets(weight, self.dims.k)
+        u, s, v = top_singular_triplets(weight, k)
         self.register_buffer("singular_U", u.to(weight.dtype), persistent=False)
         self.register_buffer("singular_values", s.to(weight.dtype), persistent=False)
         self.register_buffer("singular_V", v.to(weight.dtype), persistent=False)
-        param = dict(dtype=parameter_dtype(weight.dtype), device=weight.device)
-        self.ssvd_shift = nn.Parameter(torch.zeros(self.dims.k, **param))
-        self.ssvd_inner = self._skew_parameter(self.dims.k_in, param)
-        self.ssvd_outer = self._skew_parameter(self.dims.k_out, param)
-        self.ssvd_gate = nn.Parameter(torch.zeros(1, **param)) if config.espnet_compat else None
-        if not config.init_weights:
-            self.randomize()
-        elif config.espnet_compat:
-            self.espnet_initialize()
+        factory = {"dtype": parameter_dtype(weight.dtype), "device": weight.device}
+        self.ssvd_shift = nn.Parameter(torch.zeros(k, **factory))
+        self.ssvd_inner = skew_parameter(k_in, factory)
+        self.ssvd_outer = skew_parameter(k_out, factory)
+        self.initialize(init_weights)
 
-    @staticmethod
-    def _skew_parameter(size: int, factory: dict) -> nn.Parameter | None:
-        count = num_skew_params(size)
-        return nn.Parameter(torch.zeros(count, **factory)) if count else None
-
-    @staticmethod
-    def trainable_split(config: SsvdConfig, in_features: int, out_features: int) -> TrainableSplit:
-        """values: k shifts (+1 gate with espnet_compat); inner/outer: k_side (k_side - 1) / 2."""
-        dims = ssvd_dims(config, in_features, out_features)
-        return TrainableSplit(
-            inner=num_skew_params(dims.k_in),
-            outer=num_skew_params(dims.k_out),
-            values=dims.k + (1 if config.espnet_compat else 0),
-        )
-
-    def espnet_initialize(self) -> None:
-        """ESPnet's start: gate g = 0, shift kaiming-uniform over a (1, k) tensor, U(+-sqrt(6 / k))."""
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.ssvd_shift[None, :])
-            self.ssvd_gate.zero_()
-
-    def randomize(self) -> None:
-        """A non-trivial adapter (for tests): shifts ~ 10% of s, rotation angles ~ 0.1."""
+    def initialize(self, init_weights: bool) -> None:
+        """Zero shift and angles (``init_weights``: W' = W), or a non-trivial adapter for tests:
+        shifts ~ 10% of s, rotation angles ~ 0.1."""
+        if init_weights:
+            return
         with torch.no_grad():
             self.ssvd_shift.normal_(std=0.1 * float(self.singular_values.float().mean()))
             for params in (self.ssvd_inner, self.ssvd_outer):
                 if params is not None:
                     params.normal_(std=0.1)
-            if self.ssvd_gate is not None:
-                self.ssvd_gate.normal_()
 
     def shifted_values(self) -> torch.Tensor:
-        """s_k + d  (s_k + sigmoid(g) d in espnet_compat), in float64."""
-        shift = self.ssvd_shift.to(ROTATION_DTYPE)
-        if self.ssvd_gate is not None:
-            shift = torch.sigmoid(self.ssvd_gate.to(ROTATION_DTYPE)) * shift
-        return self.singular_values.to(ROTATION_DTYPE) + shift
+        """s_k + d, in float64."""
+        return self.singular_values.to(ROTATION_DTYPE) + self.ssvd_shift.to(ROTATION_DTYPE)
 
-    def leading_rotation(self, params: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    def rotation_matrix(self, params: torch.Tensor | None, size: int) -> torch.Tensor | None:
         """R = rotation(skew(params)) in float64, the size x size block of blockdiag(R, I)
         (None if there is no rotation)."""
         if params is None:
@@ -286,18 +198,14 @@ class SsvdAdapter(Adapter):
         Only the leading blocks of P_in and P_out rotate: diag(s_k + d) P_in^T scales the
         rows of blockdiag(R_in^T, I), and P_out mixes only its first k_out rows.
         """
-        k_in, k_out = self.dims.k_in, self.dims.k_out
-        inner = self.leading_rotation(self.ssvd_inner, k_in)
-        outer = self.leading_rotation(self.ssvd_outer, k_out)
-        if not self.espnet_compat and inner is not None:
-            inner = inner.T
-        if self.espnet_compat and outer is not None:
-            outer = outer.T
-        k, values = self.dims.k, self.shifted_values()
+        k, k_in, k_out = self.k, self.k_in, self.k_out
+        inner = self.rotation_matrix(self.ssvd_inner, k_in)
+        outer = self.rotation_matrix(self.ssvd_outer, k_out)
+        values = self.shifted_values()
         if inner is None:
             scaled = torch.diag(values)
         else:
-            scaled = values[:k_in, None] * inner
+            scaled = values[:k_in, None] * inner.T
             if k_in < k:
                 scaled = torch.block_diag(scaled, torch.diag(values[k_in:]))
         if outer is not None:
@@ -309,7 +217,7 @@ class SsvdAdapter(Adapter):
         core = self.core_matrix().to(x.dtype)
         tokens = x.numel() // x.shape[-1]
         merged = prefers_merged_path(
-            tokens, base_layer.in_features, base_layer.out_features, self.dims.k, core.requires_grad
+            tokens, base_layer.in_features, base_layer.out_features, self.k, core.requires_grad
         )
         output = SubspaceLinear.apply(
             x.reshape(tokens, x.shape[-1]),
@@ -326,3 +234,9 @@ class SsvdAdapter(Adapter):
         dtype = compute_dtype(base_weight.dtype)
         core = self.core_matrix().to(dtype)
         return (self.singular_U.to(dtype) @ core) @ self.singular_V.to(dtype).T
+
+
+def skew_parameter(size: int, factory: dict) -> nn.Parameter | None:
+    """The size (size - 1) / 2 skew parameters of a rotation, at zero; None when there are none."""
+    count = num_skew_params(size)
+    return nn.Parameter(torch.zeros(count, **factory)) if count else None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssvd_peft.config import config_from_dict
-from ssvd_peft.layers import ADAPTER_CLASSES, AdapterLinear
+from ssvd_peft.layers import AdapterLinear
 
 # (in_features, out_features): a tall layer (out > in) and a wide one (out < in).
 SHAPES = {"tall": (12, 20), "wide": (20, 12)}
@@ -32,7 +32,7 @@ def add_adapter(
     """Wrap ``layer`` (if needed) and give it adapter ``name`` of ``method``; returns the wrapper."""
     wrapper = layer if isinstance(layer, AdapterLinear) else AdapterLinear(layer)
     config = config_from_dict(method, {"target_modules": ["layer"], **options})
-    wrapper.add_adapter(name, ADAPTER_CLASSES[method](wrapper.base_layer, config))
+    wrapper.add_adapter(name, config.build(wrapper.base_layer))
     return wrapper
 
 

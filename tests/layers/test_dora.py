@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from layer_builders import SHAPES, add_adapter, hf_lora_layer, make_linear, rel_err
 from torch import nn
 
-from ssvd_peft.config import DoraConfig
 from ssvd_peft.layers import DoraAdapter
+from ssvd_peft.methods.dora import DoraConfig
 
 
 def copy_from_hf(adapter: DoraAdapter, hf_layer: nn.Module) -> None:
@@ -141,7 +141,7 @@ def test_parameter_count_is_lora_plus_out():
     config = DoraConfig(target_modules=["layer"], rank=3)
     wrapper = add_adapter(make_linear(in_features, out_features), "dora", rank=3)
     counted = sum(p.numel() for p in wrapper.peft_adapters["default"].parameters())
-    split = DoraAdapter.trainable_split(config, in_features, out_features)
+    split = config.trainable_split(in_features, out_features)
     assert counted == split.total == 3 * (in_features + out_features) + out_features
     assert (split.inner, split.outer) == (3 * in_features, 3 * out_features + out_features)
 

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from layer_builders import add_adapter, make_linear, rel_err
 from torch import nn
 
-from ssvd_peft.config import HdmoleConfig, PeftConfigError, config_from_dict
+from ssvd_peft.budget import estimate_budget
+from ssvd_peft.config import PeftConfigError, config_from_dict
 from ssvd_peft.inject import (
     inject_adapters,
     merge_adapters,
     merge_and_unload,
-    plan_injection,
     unmerge_adapters,
 )
 from ssvd_peft.layers import AdapterLinear, HdmoleAdapter
@@ -35,6 +35,7 @@ from ssvd_peft.layers.hdmole import (
     set_domain_probs,
 )
 from ssvd_peft.layers.routing import IGNORE_DOMAIN, combine_routes, masked_mean_pool
+from ssvd_peft.methods.hdmole import HdmoleConfig
 
 # Domain 0: experts 0, 1; domain 1: expert 2; expert 3 is shared (G_0 = {0, 1, 3}, G_1 = {2, 3}).
 EXPERT_DOMAINS = [0, 0, 1, -1]
@@ -303,7 +304,7 @@ def test_trainable_count_equals_the_closed_formula(threshold, in_features, out_f
     config = HdmoleConfig(target_modules=["layer"], threshold=threshold, **OPTIONS)
     wrapper = add_adapter(make_linear(in_features, out_features), "hdmole", threshold=threshold, **OPTIONS)
     counted = sum(p.numel() for p in wrapper.peft_adapters["default"].parameters())
-    split = HdmoleAdapter.trainable_split(config, in_features, out_features)
+    split = config.trainable_split(in_features, out_features)
     n, r = 4, 3
     tau = 1 if threshold == "learnable" else in_features + 1
     assert split.inner == n * r * in_features + n * (in_features + 1) + tau
@@ -314,7 +315,7 @@ def test_trainable_count_equals_the_closed_formula(threshold, in_features, out_f
 def test_the_injection_plan_reports_the_per_layer_formula():
     model = TwoLayers()
     config = config_from_dict("hdmole", {"target_modules": ["up", "down"], **OPTIONS})
-    report = plan_injection(model, config)
+    report = estimate_budget(model, config)
     inject_adapters(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert report.trainable == trainable == (4 * 3 * 20 + 4 * 9 + 1) + (4 * 3 * 20 + 4 * 13 + 1)
@@ -323,7 +324,8 @@ def test_the_injection_plan_reports_the_per_layer_formula():
 def test_default_expert_layout_is_domain_by_domain_then_shared():
     config = HdmoleConfig(target_modules=["x"], num_domains=3, experts_per_domain=2, shared_experts=1)
     assert config.expert_domain_map() == [0, 0, 1, 1, 2, 2, -1]
-    assert config.resolved_tau_max == pytest.approx(1 / 7)
+    wrapper = add_adapter(make_linear(8, 12), "hdmole", num_domains=3, experts_per_domain=2, shared_experts=1)
+    assert wrapper.peft_adapters["default"].tau_max == pytest.approx(1 / 7)
     derived = HdmoleConfig(target_modules=["x"], num_experts=5, num_domains=2, shared_experts=1)
     assert derived.expert_domain_map() == [0, 0, 1, 1, -1]
 

@@ -12,8 +12,8 @@ import torch
 from layer_builders import SHAPES, add_adapter, hf_lora_layer, make_linear, rel_err
 from torch import nn
 
-from ssvd_peft.config import LoraConfig
 from ssvd_peft.layers import LoraAdapter
+from ssvd_peft.methods.lora import LoraConfig
 
 
 def copy_factors_from_hf(adapter: LoraAdapter, hf_layer: nn.Module) -> None:
@@ -98,7 +98,7 @@ def test_parameter_count_is_r_times_in_plus_out(shape):
     config = LoraConfig(target_modules=["layer"], rank=5)
     wrapper = add_adapter(make_linear(in_features, out_features), "lora", rank=5)
     counted = sum(p.numel() for p in wrapper.peft_adapters["default"].parameters())
-    split = LoraAdapter.trainable_split(config, in_features, out_features)
+    split = config.trainable_split(in_features, out_features)
     assert counted == split.total == 5 * (in_features + out_features)
     assert (split.inner, split.outer, split.values) == (5 * in_features, 5 * out_features, 0)
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from layer_builders import SHAPES, add_adapter, hf_lora_layer, make_linear, rel_err
 
-from ssvd_peft.config import PissaConfig
-from ssvd_peft.layers import PissaAdapter
+from ssvd_peft.methods.pissa import PissaConfig
 
 
 def pissa_layer(shape: str = "tall", bias: bool = True, **options):
@@ -161,7 +160,7 @@ def test_parameter_count_is_r_times_in_plus_out():
     config = PissaConfig(target_modules=["layer"], rank=4)
     _, adapter, _ = pissa_layer(rank=4)
     counted = sum(p.numel() for p in adapter.parameters())
-    assert counted == PissaAdapter.trainable_split(config, in_features, out_features).total
+    assert counted == config.trainable_split(in_features, out_features).total
     assert counted == 4 * (in_features + out_features)
 
 

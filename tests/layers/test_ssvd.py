@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from layer_builders import SHAPES, add_adapter, make_linear, rel_err
 
 import ssvd_peft.layers.ssvd as ssvd_module
-from ssvd_peft.config import SsvdConfig, SsvdOConfig
 from ssvd_peft.layers import SsvdAdapter
-from ssvd_peft.layers.ssvd import prefers_merged_path, ssvd_dims
+from ssvd_peft.layers.ssvd import prefers_merged_path
+from ssvd_peft.methods.ssvd import SsvdConfig, SsvdDims, SsvdOConfig
 
 VARIANTS = {
     "ssvd-cayley": ("ssvd", {"k": 6, "rotation": "cayley"}),
@@ -168,8 +168,8 @@ def test_espnet_compat_starts_where_espnet_ssvdlinear_starts(shape):
 def test_espnet_compat_truncates_k_as_espnet_does(in_features, out_features, k_ratio, espnet_k):
     """ESPnet: k_trainable = int(min(in, out) * rotation_ratio); m = 1024, 0.4 -> 409 (83,846 parameters)."""
     config = SsvdConfig(target_modules=["x"], k_ratio=k_ratio, espnet_compat=True)
-    assert ssvd_dims(config, in_features, out_features).k == espnet_k
-    split = SsvdAdapter.trainable_split(config, in_features, out_features)
+    assert config.dims(in_features, out_features).k == espnet_k
+    split = config.trainable_split(in_features, out_features)
     assert split.total == espnet_k + 1 + espnet_k * (espnet_k - 1) // 2
     if (in_features, out_features) == (1024, 4096):
         assert split.total == 83_846
@@ -177,7 +177,7 @@ def test_espnet_compat_truncates_k_as_espnet_does(in_features, out_features, k_r
 
 def test_espnet_compat_refuses_a_ratio_that_gives_no_subspace():
     with pytest.raises(ValueError, match=r"k = floor\(0.05 x 12\) = 0"):
-        ssvd_dims(SsvdConfig(target_modules=["x"], k_ratio=0.05, espnet_compat=True), 20, 12)
+        SsvdConfig(target_modules=["x"], k_ratio=0.05, espnet_compat=True).dims(20, 12)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +217,7 @@ def test_factors_and_parameters_keep_float64_for_a_float64_model(dtype):
 
 def core_by_hand(adapter: SsvdAdapter, k: int) -> torch.Tensor:
     """M = P_out diag(s + d) P_in^T - diag(s) in float64, from the adapter's stored state."""
-    dims = adapter.dims
+    dims = SsvdDims(adapter.k, adapter.k_in, adapter.k_out)
     s = adapter.singular_values.double()
     d = adapter.ssvd_shift.detach().double()
     p_in = block_rotation(adapter.ssvd_inner.detach().double(), dims.k_in, k, "cayley")
@@ -310,13 +310,10 @@ def largest_rotation(share: Fraction, budget: int, k: int) -> int:
 
 
 def test_ssvd_o_with_no_outer_share_is_ssvd():
-    dims = ssvd_dims(SsvdOConfig(target_modules=["x"], k=8, outer_share=0.0), 20, 30)
+    dims = SsvdOConfig(target_modules=["x"], k=8, outer_share=0.0).dims(20, 30)
     assert (dims.k, dims.k_in, dims.k_out) == (8, 8, 0)
-    same_as_ssvd = SsvdAdapter.trainable_split(SsvdConfig(target_modules=["x"], k=8), 20, 30)
-    assert (
-        SsvdAdapter.trainable_split(SsvdOConfig(target_modules=["x"], k=8, outer_share=0.0), 20, 30)
-        == same_as_ssvd
-    )
+    same_as_ssvd = SsvdConfig(target_modules=["x"], k=8).trainable_split(20, 30)
+    assert SsvdOConfig(target_modules=["x"], k=8, outer_share=0.0).trainable_split(20, 30) == same_as_ssvd
 
 
 @pytest.mark.parametrize("k", [6, 10, 16])
@@ -326,7 +323,7 @@ def test_ssvd_o_splits_the_rotation_budget(k, outer_share, rotation_budget):
     share = Fraction(outer_share)
     config = SsvdOConfig(target_modules=["x"], k=k, outer_share=float(share), rotation_budget=rotation_budget)
     budget = k * (k - 1) // 2 if rotation_budget is None else rotation_budget
-    dims = ssvd_dims(config, 32, 24)
+    dims = config.dims(32, 24)
 
     assert dims.k_in * (dims.k_in - 1) // 2 + dims.k_out * (dims.k_out - 1) // 2 <= budget
     assert dims.k_out == largest_rotation(share, budget, k), "k_out: the largest rotation its share fits"
@@ -335,7 +332,7 @@ def test_ssvd_o_splits_the_rotation_budget(k, outer_share, rotation_budget):
 
 def test_ssvd_o_split_is_exact_at_share_boundaries():
     """k = 6, outer_share 0.8: the inner share is 0.2 * 15 = 3 = 3 * 2 / 2, room for k_in = 3."""
-    dims = ssvd_dims(SsvdOConfig(target_modules=["x"], k=6, outer_share=0.8), 32, 24)
+    dims = SsvdOConfig(target_modules=["x"], k=6, outer_share=0.8).dims(32, 24)
     assert (dims.k_in, dims.k_out) == (3, 5), (
         "the budget split must not lose a rotation to float rounding: (1 - 0.8) * 15 < 3 in floats"
     )
@@ -343,7 +340,7 @@ def test_ssvd_o_split_is_exact_at_share_boundaries():
 
 def test_ssvd_o_honours_explicit_rotation_sizes():
     config = SsvdOConfig(target_modules=["x"], k=10, k_in=3, k_out=7, outer_share=0.1)
-    assert ssvd_dims(config, 32, 24) == ssvd_module.SsvdDims(k=10, k_in=3, k_out=7)
+    assert config.dims(32, 24) == SsvdDims(k=10, k_in=3, k_out=7)
     wrapper = add_adapter(make_linear(32, 24), "ssvd_o", k=10, k_in=3, k_out=7)
     adapter = wrapper.peft_adapters["default"]
     assert (adapter.ssvd_inner.numel(), adapter.ssvd_outer.numel()) == (3, 21)
@@ -363,9 +360,7 @@ def test_ssvd_o_honours_explicit_rotation_sizes():
 )
 def test_parameter_count_equals_the_closed_formula(method, options, in_features, out_features, formula):
     config_class = SsvdOConfig if method == "ssvd_o" else SsvdConfig
-    split = SsvdAdapter.trainable_split(
-        config_class(target_modules=["x"], **options), in_features, out_features
-    )
+    split = config_class(target_modules=["x"], **options).trainable_split(in_features, out_features)
     wrapper = add_adapter(make_linear(in_features, out_features), method, **options)
     counted = sum(p.numel() for p in wrapper.peft_adapters["default"].parameters())
     assert counted == split.total == formula
@@ -404,7 +399,7 @@ def test_rank_larger_than_the_layer_is_refused():
 
 
 def test_default_k_is_the_ratio_of_the_smaller_side():
-    dims = ssvd_dims(SsvdConfig(target_modules=["x"], k_ratio=0.4), 100, 30)
+    dims = SsvdConfig(target_modules=["x"], k_ratio=0.4).dims(100, 30)
     assert dims.k == round(0.4 * 30) == dims.k_in
 
 

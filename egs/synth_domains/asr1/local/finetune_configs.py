@@ -42,7 +42,8 @@ import yaml
 from runs import SWEEPS, Run, write_runs
 
 from espnet_plugins.modules import build_meta_model
-from ssvd_peft.budget import KNOBS, BudgetMatch, BudgetShortfallWarning, equal_budget_configs, estimate_budget
+from ssvd_peft.budget import BudgetMatch, BudgetShortfallWarning, equal_budget_configs, estimate_budget
+from ssvd_peft.registry import get_method
 
 MODEL_KEYS = (
     "frontend", "frontend_conf", "specaug", "specaug_conf", "normalize", "normalize_conf", "model",
@@ -66,7 +67,7 @@ def reference_budget(model: Any, adapters: dict[str, Any], value: int | None = N
     reference = dict(adapters["budget"])
     method = reference.pop("method")
     if value is not None:
-        reference[KNOBS[method]] = value
+        reference[get_method(method).knob] = value
     return estimate_budget(model, method, **{**method_options(adapters, method, []), **reference}).trainable
 
 
@@ -230,12 +231,15 @@ def main() -> None:
     (args.out_dir / "trainable.json").write_text(json.dumps(planner.trainable, indent=1) + "\n")
     (args.out_dir / "budget_shortfalls.json").write_text(json.dumps(planner.shortfalls, indent=1) + "\n")
     reference = dict(adapters["budget"])
-    main_settings = {"budget": str(reference[KNOBS[reference["method"]]])}
+    main_settings = {"budget": str(reference[get_method(reference["method"]).knob])}
     if "ssvd_o" in blocks:
         main_settings["split"] = str(blocks["ssvd_o"].get("outer_share", ""))
     (args.out_dir / "main_settings.json").write_text(json.dumps(main_settings) + "\n")
     write_runs(args.out_dir / "runs.tsv", planner.runs)
-    knobs = ", ".join(f"{m} {KNOBS[m]}={b[KNOBS[m]]} ({planner.trainable[m]:,})" for m, b in blocks.items())
+    knobs = ", ".join(
+        f"{m} {get_method(m).knob}={b[get_method(m).knob]} ({planner.trainable[m]:,})"
+        for m, b in blocks.items()
+    )
     print(f"{len(planner.runs)} runs; main budget: {knobs}; full {planner.trainable.get('full', 0):,}")
 
 
