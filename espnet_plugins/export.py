@@ -5,8 +5,9 @@
 plugin (``espnet2.bin.asr_inference --asr_train_config <dir>/config.yaml --asr_model_file
 <dir>/model.pth``) and decodes exactly as the adapted model does. Before writing, the merged
 state dict is checked against a model built by the stock task from the written config.
-An HDMoLE adapter is exported for one fixed domain (``domain``, ``--peft_domain``: an id, or a
-name from the training config's ``peft_hdmole.domains``).
+An adapter without an exact merge (HDMoLE) is exported for one fixed condition (``domain``,
+``--peft_domain``: for HDMoLE a domain id, or a name from the config's ``domains``), by its
+method's ESPnet extension.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any
 import torch
 from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
 
-from espnet_plugins.hdmole import is_domain_id
+from espnet_plugins.extensions import extension_for
 from espnet_plugins.options import peft_options, without_peft_options
 from espnet_plugins.task import PeftTaskMixin
-from ssvd_peft.inject import iter_adapter_layers, merge_and_unload
-from ssvd_peft.layers.hdmole import HdmoleAdapter, merge_domain_experts
+from ssvd_peft.inject import merge_and_unload
+from ssvd_peft.registry import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +45,27 @@ def export_merged(
 ) -> tuple[Path, Path]:
     """Merge the adapter of ``model_file`` into its base model; return (config path, model path).
 
-    An HDMoLE adapter routes per token, so it is merged for one fixed ``domain``:
-    W + delta W_d (``merge_domain_experts``), the routed layer with g = e_d and uniform local
-    routing. The export then decodes that domain only, and not exactly as the routed model.
-    ``domain`` is an id or a name from the training config's ``peft_hdmole.domains``.
+    An adapter without an exact merge is merged for one fixed ``domain`` by its method's ESPnet
+    extension: HDMoLE folds W + delta W_d (``merge_domain_experts``), the routed layer with
+    g = e_d and uniform local routing; the export then serves that domain only, and not exactly
+    as the routed model. ``domain`` is an id or a name from the config's ``domains``.
     """
     model, args = task.build_model_from_file(train_config, model_file, "cpu")
-    if any(
-        isinstance(layer.peft_adapters[layer.active_adapter], HdmoleAdapter)
-        for _, layer in iter_adapter_layers(model)
-        if layer.active_adapter is not None
-    ):
+    options = peft_options(args)
+    config = options.adapter_config()
+    if not get_method(config.method).exact_merge:
         if domain is None:
             raise ExportError(
-                "an HDMoLE adapter routes every token by its input and cannot be merged as it is; "
+                f"a {config.method} adapter has no exact merge (HDMoLE routes every token by its input); "
                 "give the domain to merge for (--peft_domain <id or name>): its experts are folded into "
                 "the weights"
             )
-        merge_domain_experts(model, export_domain(domain, args), args.peft_adapter_name)
+        extension_for(config.method).fixed_merge(model, config, options.adapter_name, str(domain))
     elif domain is not None:
-        raise ExportError("--peft_domain is for HDMoLE adapters; this adapter merges exactly without it")
+        raise ExportError(
+            f"--peft_domain is for adapters without an exact merge (HDMoLE); {config.method} merges "
+            "exactly without it"
+        )
     merge_and_unload(model)
     state = model.state_dict()
     config = without_peft_options(vars(args))
@@ -76,22 +78,6 @@ def export_merged(
     torch.save(state, model_path)
     logger.info("Wrote the merged model to %s and its config to %s", model_path, config_path)
     return config_path, model_path
-
-
-def export_domain(domain: int | str, args: argparse.Namespace) -> int:
-    """The id of ``domain``: an id (int or integer string) or a name in ``args``' peft_hdmole.domains."""
-    if isinstance(domain, int) or is_domain_id(domain):
-        return int(domain)
-    names = peft_options(args).hdmole_options().domains or ()
-    if domain not in names:
-        known = f"the names {list(names)}" if names else "no names (peft_hdmole.domains is not set)"
-        raise ExportError(
-            f"--peft_domain {domain!r} is not a domain of this adapter: its training config has "
-            f"{known}; give a domain id or one of the names"
-        )
-    index = names.index(domain)
-    logger.info("Domain %r is domain id %d", domain, index)
-    return index
 
 
 def check_stock_keys(task: type[Any], config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:

@@ -6,7 +6,6 @@
     peft_pretrained_config: null        # default: config.yaml next to peft_pretrained
     peft_modules_to_save: [ctc.ctc_lo]  # trained in full and saved with the adapter
     peft_save: adapter                  # adapter: model files hold adapter tensors only; all
-    peft_hdmole: {domain_weight: 0.5}   # peft: hdmole only: loss weights, router source (hdmole.py)
 
 Without ``peft`` the task behaves exactly like ESPnet's.
 """
@@ -20,7 +19,6 @@ from typing import Any
 from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 
-from espnet_plugins.hdmole import HdmoleOptions
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
 from ssvd_peft.layers.base import DEFAULT_ADAPTER
 from ssvd_peft.registry import method_names
@@ -40,16 +38,9 @@ class PeftOptions:
     save: str = "adapter"
     adapter_name: str = DEFAULT_ADAPTER
     init_param: list[str] = field(default_factory=list)
-    hdmole: dict[str, Any] = field(default_factory=dict)
 
     def adapter_config(self) -> AdapterConfig:
         return config_from_dict(self.method, dict(self.conf))
-
-    def hdmole_options(self) -> HdmoleOptions:
-        """The checked ``peft_hdmole`` block (only ``peft: hdmole`` takes one)."""
-        if self.hdmole and self.method != "hdmole":
-            raise PeftConfigError(f"peft_hdmole is for peft: hdmole, but peft is {self.method!r}")
-        return HdmoleOptions.from_dict(self.hdmole)
 
 
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,8 +97,8 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
         "--peft_hdmole",
         action=NestedDictAction,
         default=dict(),
-        help="peft: hdmole only: domain_weight (0.5), balance_weight (0.01), router_source (encoder), "
-        "router_side (input | output), router_dim (default: from the model)",
+        help="Removed: HDMoLE's options (domain_weight, balance_weight, router_source, router_side, "
+        "router_dim, domains) now go into --peft_conf; a config that still sets it is refused",
     )
     group.add_argument(
         "--peft_init_param",
@@ -125,6 +116,13 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
     method = getattr(args, "peft", None)
     if method is None:
         return None
+    moved = dict(getattr(args, "peft_hdmole", None) or {})
+    if moved:
+        raise PeftConfigError(
+            f"peft_hdmole is gone: its keys {sorted(moved)} go into peft_conf now, next to the other "
+            f"HDMoLE options (peft_conf: {{..., {', '.join(f'{k}: {v!r}' for k, v in moved.items())}}}); "
+            "remove the peft_hdmole block"
+        )
     if getattr(args, "use_adapter", False):
         raise PeftConfigError(
             f"--peft {method} and ESPnet's own --use_adapter true (--adapter "
@@ -141,7 +139,6 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
         save=getattr(args, "peft_save", "adapter"),
         adapter_name=getattr(args, "peft_adapter_name", DEFAULT_ADAPTER),
         init_param=list(getattr(args, "peft_init_param", None) or []),
-        hdmole=dict(getattr(args, "peft_hdmole", None) or {}),
     )
 
 

@@ -9,8 +9,9 @@ Order of events when the config has a peft block:
   3. --peft_pretrained is loaded strictly, then every --init_param entry (ESPnet's own option,
      moved to --peft_init_param so that it is applied once, before injection, and recorded);
   4. the adapters are injected into the loaded weights (SVD-based methods factorise them;
-     HDMoLE also gets its domain router and auxiliary losses, ``hdmole.py``), everything but
-     the adapters and --peft_modules_to_save is frozen, and the budget is logged;
+     HDMoLE also gets its domain router and auxiliary losses), everything but
+     the adapters and --peft_modules_to_save is frozen, and the budget is logged (a method's
+     ESPnet extension, ``extensions.py``, completes its config before and hooks in after);
   5. with --peft_save adapter, model files hold only the adapter entries (``state.py``);
   6. in training, before anything is written, a --resume checkpoint must fit the model, and the
      first optimizer step refuses adapters that received no gradient.
@@ -29,7 +30,7 @@ import torch
 import yaml
 from espnet2.train.abs_espnet_model import AbsESPnetModel
 
-from espnet_plugins.hdmole import DOMAIN_KEY, DomainNames, attach_hdmole
+from espnet_plugins.extensions import DOMAIN_KEY, extension_for
 from espnet_plugins.options import PeftOptions, add_peft_arguments, peft_options
 from espnet_plugins.pretrained import (
     PretrainedModelError,
@@ -81,24 +82,24 @@ class PeftTaskMixin:
         options = peft_options(args)
         if options is not None:
             options.adapter_config()
-            options.hdmole_options()
             cls.adopt_pretrained_architecture(args, options)
         super().check_required_command_args(args)
 
     @classmethod
     def optional_data_names(cls, train: bool = True, inference: bool = False) -> tuple[str, ...]:
-        """The base task's, plus ``domain`` (per-utterance domain ids or names for HDMoLE, utt2domain)."""
+        """The base task's, plus ``domain`` (per-utterance domain ids or names, utt2domain, that a
+        method such as HDMoLE reads)."""
         return (*super().optional_data_names(train, inference), DOMAIN_KEY)
 
     @classmethod
     def build_preprocess_fn(cls, args: argparse.Namespace, train: bool) -> Callable[..., Any] | None:
-        """The base task's preprocessing; with HDMoLE, domain names become ids first (``DomainNames``)."""
+        """The base task's preprocessing, extended by the method's ESPnet extension (HDMoLE: domain
+        names become ids first)."""
         preprocess = super().build_preprocess_fn(args, train)
         options = peft_options(args)
-        if options is None or options.method != "hdmole":
+        if options is None:
             return preprocess
-        domains = options.hdmole_options().domain_names(options.adapter_config().num_domains)
-        return DomainNames(preprocess, domains)
+        return extension_for(options.method).wrap_preprocess(preprocess, options.adapter_config())
 
     @classmethod
     def build_model(cls, args: argparse.Namespace) -> AbsESPnetModel:
@@ -182,9 +183,10 @@ class PeftTaskMixin:
 
 def attach_adapters(model: torch.nn.Module, options: PeftOptions, config: AdapterConfig) -> InjectionReport:
     """Inject the adapters, freeze the rest, and choose what the model's state dict holds."""
+    extension = extension_for(config.method)
+    config = extension.prepare_config(model, config)
     report = inject_adapters(model, config, options.adapter_name)
-    if config.method == "hdmole":
-        attach_hdmole(model, options.hdmole_options(), options.adapter_name)
+    extension.after_injection(model, config, options.adapter_name)
     mark_only_adapters_trainable(model, modules_to_save=options.modules_to_save)
     if options.save == "adapter":
         keep_adapter_entries(model, options.modules_to_save)

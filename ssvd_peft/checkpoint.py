@@ -3,10 +3,10 @@
 One file holds the method, its config, the adapter's tensors (``<module>.<name>``: its
 parameters and persistent buffers, such as PiSSA's initial factors A0, B0, which define its
 residual weight on reload), optional full tensors of ``modules_to_save``, a model-level HDMoLE
-domain router (``domain_router.<param>``, with its source module and side), a fingerprint
+domain router: a model part, ``model_part.<param>`` with its ``extra_state``), a fingerprint
 of every adapted base weight (see ``weight_fingerprint``) and a SHA-256 checksum of all of that.
 ``load_adapter`` checks the checksum and the fingerprints against the model it is given BEFORE
-changing it, then injects the config (and attaches the router) and loads the tensors through
+changing it, then injects the config (and restores the model part) and loads the tensors through
 ``load_state_dict`` (so an adapter that rewrote the base weight rebuilds it from the loaded
 state); a damaged file, or a checkpoint of another base model, is refused with a message that
 names the problem.
@@ -36,11 +36,12 @@ from ssvd_peft.inject import (
     iter_adapter_layers,
 )
 from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER, AdapterLinear, weight_fingerprint
-from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
+from ssvd_peft.model_parts import model_part
+from ssvd_peft.registry import get_method
 
 FORMAT = "ssvd-peft-adapter"
 VERSION = 2
-ROUTER_KEY = "domain_router"
+MODEL_PART_KEY = "model_part"
 FINGERPRINT_RTOL = 1e-4
 
 
@@ -50,8 +51,8 @@ class AdapterCheckpointError(ValueError):
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The tensors of adapter ``adapter_name`` (parameters and persistent buffers), keyed
-    ``<module name>.<tensor name>``; a model-level module of the adapter (HDMoLE's domain router)
-    under ``domain_router.``."""
+    ``<module name>.<tensor name>``; the adapter's model part (HDMoLE's domain router) under
+    ``model_part.``."""
     state = {
         key: entry.tensor.detach().cpu().clone()
         for key, entry in _adapter_entries(model, adapter_name).items()
@@ -89,9 +90,9 @@ def save_adapter(
         },
         "modules_to_save": {name: _module_tensors(model, name) for name in modules_to_save},
     }
-    router = domain_router(model, adapter_name)
-    if router is not None:
-        payload["domain_router"] = {"source_module": router.source_module, "source_side": router.source_side}
+    part = model_part(model, adapter_name)
+    if part is not None:
+        payload[MODEL_PART_KEY] = part.extra_state()
     payload["checksum"] = payload_checksum(payload)
     return _atomic_save(payload, Path(path))
 
@@ -103,7 +104,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = DEFAULT
     config = config_from_dict(payload["method"], json.loads(payload["config"]))
     report = inject_adapters(model, config, adapter_name)
     try:
-        _attach_saved_router(model, payload, adapter_name, path)
+        _restore_model_part(model, payload, adapter_name)
         _load_tensors(model, payload["tensors"], adapter_name, path)
         for name, tensors in payload["modules_to_save"].items():
             _load_module_tensors(model, name, tensors, path)
@@ -148,7 +149,7 @@ def payload_checksum(payload: dict[str, Any]) -> str:
     """SHA-256 over everything an adapter file holds but the checksum: the header fields, and
     every tensor's name, dtype, shape and bytes, in sorted order."""
     digest = hashlib.sha256()
-    for field in ("format", "version", "method", "config", "domain_router"):
+    for field in ("format", "version", "method", "config", MODEL_PART_KEY):
         digest.update(f"{field}={json.dumps(payload.get(field), sort_keys=True)};".encode())
     for section in ("tensors", "fingerprints", "modules_to_save"):
         for key, tensor in sorted(_flat_tensors(payload.get(section, {}), section)):
@@ -200,33 +201,25 @@ class _Entry:
 
 def _adapter_entries(model: nn.Module, adapter_name: str) -> dict[str, _Entry]:
     """{file key: entry} of adapter ``adapter_name``'s parameters and persistent buffers: file keys
-    ``<module>.<tensor>`` for the layers, ``domain_router.<tensor>`` for HDMoLE's router."""
+    ``<module>.<tensor>`` for the layers, ``model_part.<tensor>`` for a model part."""
     entries: dict[str, _Entry] = {}
     for module_name, layer in iter_adapter_layers(model):
         if adapter_name in layer.peft_adapters:
             prefix = f"{module_name}.{ADAPTERS_ATTR}.{adapter_name}."
             state = layer.peft_adapters[adapter_name].state_dict(keep_vars=True)
             entries.update({f"{module_name}.{key}": _Entry(prefix + key, t) for key, t in state.items()})
-    router = domain_router(model, adapter_name)
-    if router is not None:
+    part = model_part(model, adapter_name)
+    if part is not None:
         prefix = f"{ADAPTERS_ATTR}.{adapter_name}."
-        state = router.state_dict(keep_vars=True)
-        entries.update({f"{ROUTER_KEY}.{key}": _Entry(prefix + key, t) for key, t in state.items()})
+        state = part.state_dict(keep_vars=True)
+        entries.update({f"{MODEL_PART_KEY}.{key}": _Entry(prefix + key, t) for key, t in state.items()})
     return entries
 
 
-def _attach_saved_router(model: nn.Module, payload: dict[str, Any], adapter_name: str, path: Any) -> None:
-    """Attach the domain router a file holds (feature dim from its weight) at its saved source."""
-    router = payload.get("domain_router")
-    if router is None:
-        return
-    weight = payload["tensors"].get(f"{ROUTER_KEY}.proj.weight")
-    if weight is None:
-        raise AdapterCheckpointError(
-            f"adapter {str(path)!r} records a domain router but holds no weight for it; "
-            "the file is damaged or was edited"
-        )
-    attach_domain_router(model, weight.shape[1], adapter_name, router["source_module"], router["source_side"])
+def _restore_model_part(model: nn.Module, payload: dict[str, Any], adapter_name: str) -> None:
+    """Attach the model-level part a file describes, unless its config attached one at injection."""
+    if MODEL_PART_KEY in payload and model_part(model, adapter_name) is None:
+        get_method(payload["method"]).model_part.restore(model, adapter_name, payload[MODEL_PART_KEY])
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, path: Any) -> None:

@@ -20,8 +20,8 @@ from torch import nn
 
 from ssvd_peft.budget import InjectionReport, estimate_budget
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
-from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER, AdapterLinear, is_adapter_parameter
-from ssvd_peft.layers.hdmole import detach_domain_router
+from ssvd_peft.layers.base import DEFAULT_ADAPTER, AdapterLinear, is_adapter_parameter
+from ssvd_peft.model_parts import detach_model_parts
 from ssvd_peft.registry import get_method
 from ssvd_peft.targets import closest_names, matches
 
@@ -56,7 +56,11 @@ def inject_adapters(
             touched.append(_Touched.record(planned.name, layer))
             wrapper = layer if isinstance(layer, AdapterLinear) else _wrap(model, planned.name, layer)
             wrapper.add_adapter(adapter_name, config.for_module(planned.name).build(wrapper.base_layer))
+        part_class = get_method(config.method).model_part
+        if part_class is not None:
+            part_class.on_injected(model, adapter_name, config)
     except BaseException:
+        detach_model_parts(model, adapter_name)
         for record in reversed(touched):
             record.restore(model, adapter_name)
         raise
@@ -117,7 +121,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _release_all(layer)
         _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).clear()
-    _detach_model_level(model)
+    detach_model_parts(model)
     return model
 
 
@@ -129,7 +133,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not layer.peft_adapters:
             _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).pop(adapter_name, None)
-    _detach_model_level(model, adapter_name)
+    detach_model_parts(model, adapter_name)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -139,7 +143,7 @@ def unload(model: nn.Module) -> nn.Module:
         _release_all(layer)
         _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).clear()
-    _detach_model_level(model)
+    detach_model_parts(model)
     return model
 
 
@@ -232,18 +236,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def _detach_model_level(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Remove the model-level modules (HDMoLE's domain router and its hook) of ``adapter_name``
-    (of every adapter if None), and the ``peft_adapters`` container once it is empty."""
-    container = getattr(model, ADAPTERS_ATTR, None)
-    if not isinstance(container, nn.ModuleDict):
-        return
-    for name in list(container) if adapter_name is None else [adapter_name]:
-        detach_domain_router(model, name)
-    if not len(container):
-        delattr(model, ADAPTERS_ATTR)
 
 
 def _release_all(layer: AdapterLinear) -> None:

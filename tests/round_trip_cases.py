@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ssvd_peft.inject import inject_adapters
-from ssvd_peft.layers.hdmole import attach_domain_router
+from ssvd_peft.methods.hdmole_routing import attach_domain_router
 
 IN, HIDDEN, OUT = 12, 20, 12
 TARGETS = ["up", "mid", "down"]

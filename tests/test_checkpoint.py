@@ -12,7 +12,7 @@ from torch import nn
 from ssvd_peft.checkpoint import AdapterCheckpointError, load_adapter, payload_checksum, save_adapter
 from ssvd_peft.inject import inject_adapters, iter_adapter_layers
 from ssvd_peft.layers.base import AdapterLinear
-from ssvd_peft.layers.hdmole import attach_domain_router, domain_router
+from ssvd_peft.methods.hdmole_routing import attach_domain_router, domain_router
 
 METHODS = {
     "lora": {"rank": 4},

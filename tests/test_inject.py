@@ -22,7 +22,7 @@ from ssvd_peft.inject import (
     unmerge_adapters,
 )
 from ssvd_peft.layers.base import AdapterLinear
-from ssvd_peft.layers.hdmole import attach_domain_router, merge_domain_experts
+from ssvd_peft.methods.hdmole_routing import attach_domain_router, merge_domain_experts
 from ssvd_peft.registry import get_method
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_out", "w_1", "w_2"]

@@ -26,7 +26,8 @@ from round_trip_cases import CASES, MERGEABLE, RoundTripNet, adapted_model, inpu
 
 from ssvd_peft.checkpoint import save_adapter
 from ssvd_peft.inject import iter_adapter_layers, merge_adapters, unmerge_adapters
-from ssvd_peft.layers.hdmole import RoutedMergeError, merge_domain_experts
+from ssvd_peft.layers.hdmole import RoutedMergeError
+from ssvd_peft.methods.hdmole_routing import merge_domain_experts
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -29,9 +29,8 @@ bypassed (p uniform): then q = 1 / |G_d| on G_d, all of G_d pass any tau < 1 / |
 true for the default tau_max = 1 / N) with equal weights. This holds for the combinations
 product and two_stage; for mix it is the beta = 1 case.
 
-Model level: ``attach_domain_router`` adds the global router (optionally hooked to a module's
-input or output), ``set_domain_probs`` sets g by hand (e.g. one-hot labels), and
-``hdmole_aux_losses`` / ``hdmole_statistics`` read the latest forward of every HDMoLE layer.
+The model level (the global domain router, setting g by hand, the fixed-domain merge, the
+auxiliary losses and statistics) is in ``ssvd_peft.methods.hdmole_routing``.
 """
 
 from __future__ import annotations
@@ -43,16 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssvd_peft.layers.base import ADAPTERS_ATTR, Adapter, AdapterLinear, compute_dtype
-from ssvd_peft.layers.routing import (
-    IGNORE_DOMAIN,
-    DomainRouter,
-    RoutingContext,
-    RoutingRecord,
-    combine_routes,
-    domain_cross_entropy,
-    threshold_weights,
-)
+from ssvd_peft.layers.base import Adapter, compute_dtype
+from ssvd_peft.layers.routing import RoutingContext, RoutingRecord, combine_routes, threshold_weights
 
 
 class RoutedMergeError(RuntimeError):
@@ -206,186 +197,3 @@ class HdmoleAdapter(Adapter):
             return
         super().unmerge_from(base_layer)
         self.merged_domain = None
-
-
-def hdmole_adapters(model: nn.Module, adapter_name: str = "default") -> list[tuple[str, HdmoleAdapter]]:
-    """(module name, adapter) for every HDMoLE adapter named ``adapter_name`` in ``model``."""
-    found = [
-        (name, adapter)
-        for name, module in model.named_modules()
-        if (adapter := _hdmole_adapter_of(module, adapter_name)) is not None
-    ]
-    if not found:
-        raise ValueError(
-            f"the model has no HDMoLE adapter named {adapter_name!r}; "
-            "inject one with inject_adapters(model, 'hdmole', target_modules=[...])"
-        )
-    return found
-
-
-def _hdmole_adapter_of(module: nn.Module, adapter_name: str) -> HdmoleAdapter | None:
-    if not isinstance(module, AdapterLinear) or adapter_name not in module.peft_adapters:
-        return None
-    adapter = module.peft_adapters[adapter_name]
-    return adapter if isinstance(adapter, HdmoleAdapter) else None
-
-
-def routing_context(model: nn.Module, adapter_name: str = "default") -> RoutingContext:
-    """The one RoutingContext shared by all HDMoLE layers of ``adapter_name`` (bound on first use)."""
-    adapters = hdmole_adapters(model, adapter_name)
-    context = adapters[0][1].context
-    for name, adapter in adapters:
-        if adapter.num_domains != context.num_domains:
-            raise ValueError(
-                f"module {name!r} has num_domains={adapter.num_domains} but other HDMoLE layers of "
-                f"adapter {adapter_name!r} have {context.num_domains}; one domain router serves them "
-                "all, so num_domains must not differ per module"
-            )
-        adapter.context = context
-    return context
-
-
-def set_domain_probs(model: nn.Module, probs: torch.Tensor | None, adapter_name: str = "default") -> None:
-    """Route the next forwards with domain probabilities ``probs`` (B, M), e.g. one-hot labels;
-    None: the global router's next output, or uniform g without a router."""
-    routing_context(model, adapter_name).set(probs)
-
-
-def attach_domain_router(
-    model: nn.Module,
-    feature_dim: int,
-    adapter_name: str = "default",
-    source_module: str | None = None,
-    source_side: str = "input",
-) -> DomainRouter:
-    """Add the global domain router of adapter ``adapter_name`` as ``model.peft_adapters[adapter_name]``.
-
-    Its parameters sit under ``peft_adapters.<adapter_name>.`` like every adapter parameter, so
-    freezing and adapter-only state dicts keep them. With ``source_module`` a hook runs the
-    router on that module's input (``source_side="input"``, before it runs: the HDMoLE layers
-    inside it see g) or output (``"output"``: for HDMoLE layers after it), taking the first
-    (B, T, feature_dim) tensor as features and a following (B,) integer tensor as lengths (or,
-    without one, a (B, 1, T) boolean padding mask).
-    Without it, call ``router(features, lengths)`` before the model's forward.
-    """
-    if source_side not in ("input", "output"):
-        raise ValueError(f"source_side must be 'input' or 'output', got {source_side!r}")
-    if isinstance(model, nn.Sequential | nn.ModuleList | nn.ModuleDict):
-        raise TypeError(
-            f"attach_domain_router adds the router as a submodule of the model, and a "
-            f"{type(model).__name__} would run or list it as one of its own layers; "
-            "wrap the container in an nn.Module and attach the router to that"
-        )
-    context = routing_context(model, adapter_name)
-    container = getattr(model, ADAPTERS_ATTR, None)
-    if container is None:
-        container = nn.ModuleDict()
-        setattr(model, ADAPTERS_ATTR, container)
-    if not isinstance(container, nn.ModuleDict) or adapter_name in container:
-        raise ValueError(
-            f"the model already has {ADAPTERS_ATTR}.{adapter_name} (or a {ADAPTERS_ATTR} attribute "
-            "of its own); detach_domain_router(model, adapter_name) first"
-        )
-    reference = hdmole_adapters(model, adapter_name)[0][1].lora_A
-    router = DomainRouter(feature_dim, context.num_domains, context).to(reference.device, reference.dtype)
-    container[adapter_name] = router
-    router.source_module, router.source_side = source_module, source_side
-    if source_module is not None:
-        source = model.get_submodule(source_module)
-        if source_side == "input":
-            router.source_hook = source.register_forward_pre_hook(router.route_inputs, with_kwargs=True)
-        else:
-            router.source_hook = source.register_forward_hook(router.route_outputs)
-    return router
-
-
-def domain_router(model: nn.Module, adapter_name: str = "default") -> DomainRouter | None:
-    """The global domain router attached for ``adapter_name``, if any."""
-    container = getattr(model, ADAPTERS_ATTR, None)
-    if not isinstance(container, nn.ModuleDict) or adapter_name not in container:
-        return None
-    router = container[adapter_name]
-    return router if isinstance(router, DomainRouter) else None
-
-
-def detach_domain_router(model: nn.Module, adapter_name: str = "default") -> None:
-    """Remove the global domain router (and its hook); the layers fall back to uniform g."""
-    router = domain_router(model, adapter_name)
-    if router is None:
-        return
-    handle = getattr(router, "source_hook", None)
-    if handle is not None:
-        handle.remove()
-    del getattr(model, ADAPTERS_ATTR)[adapter_name]
-    router.context.set(None)
-
-
-def merge_domain_experts(model: nn.Module, domain: int, adapter_name: str = "default") -> None:
-    """Fold the fixed-domain update delta W_d of every HDMoLE layer into its base weight.
-
-    The model then runs at the speed of the base model and computes, for domain ``domain``,
-    the routed output with g = e_d and uniform local routing (see the module docstring).
-    ``unmerge_adapters`` restores the base weights; ``merge_and_unload`` keeps W + delta W_d.
-    """
-    num_domains = routing_context(model, adapter_name).num_domains
-    if not 0 <= domain < num_domains:
-        raise ValueError(f"domain must be in [0, {num_domains}) for adapter {adapter_name!r}, got {domain}")
-    for name, adapter in hdmole_adapters(model, adapter_name):
-        module = model.get_submodule(name)
-        module.set_adapter(adapter_name)
-        module.unmerge()
-        adapter.merge_domain(module.base_layer, domain)
-        module.merged_adapter = adapter_name
-
-
-def hdmole_aux_losses(
-    model: nn.Module, domain_labels: torch.Tensor | None = None, adapter_name: str = "default"
-) -> dict[str, torch.Tensor]:
-    """{"balance": mean over layers of N sum_i f_i P_i, "domain": CE(g logits, labels)} of the
-    latest forward; "domain" only with ``domain_labels`` (B,), where IGNORE_DOMAIN marks unknown.
-
-    Use as L = L_asr + l_dom * losses["domain"] + l_bal * losses["balance"].
-    """
-    adapters = hdmole_adapters(model, adapter_name)
-    records = [adapter.last_routing for _, adapter in adapters]
-    if any(record is None for record in records):
-        raise RuntimeError(
-            "no routing recorded yet: run the model's forward before asking for the HDMoLE losses"
-        )
-    losses = {"balance": torch.stack([record.balance_loss() for record in records]).mean()}
-    if domain_labels is not None:
-        logits = routing_context(model, adapter_name).domain_logits
-        if logits is None:
-            raise RuntimeError(
-                "no domain router output for this batch: attach_domain_router(model, feature_dim, ...) "
-                "and run the forward (or call the router) before asking for the domain loss"
-            )
-        losses["domain"] = domain_cross_entropy(logits, domain_labels)
-    return losses
-
-
-def hdmole_statistics(
-    model: nn.Module, domain_labels: torch.Tensor | None = None, adapter_name: str = "default"
-) -> dict[str, float]:
-    """Routing statistics of the latest forward.
-
-    ``<layer>.active_experts`` (mean_t k_t), ``<layer>.routing_entropy`` (mean_t H(q_t), nats),
-    their means over layers (``active_experts``, ``routing_entropy``) and, with labels and a
-    g for the batch, ``domain_accuracy`` (argmax g = label over the labelled utterances).
-    """
-    stats: dict[str, float] = {}
-    for name, adapter in hdmole_adapters(model, adapter_name):
-        if adapter.last_routing is not None:
-            stats[f"{name}.active_experts"] = float(adapter.last_routing.active_experts)
-            stats[f"{name}.routing_entropy"] = float(adapter.last_routing.entropy)
-    for key in ("active_experts", "routing_entropy"):
-        values = [value for name, value in stats.items() if name.endswith(f".{key}")]
-        if values:
-            stats[key] = sum(values) / len(values)
-    probs = routing_context(model, adapter_name).domain_probs
-    if domain_labels is not None and probs is not None:
-        labels = domain_labels.to(probs.device)
-        labelled = labels != IGNORE_DOMAIN
-        if labelled.any():
-            stats["domain_accuracy"] = float((probs.argmax(dim=-1) == labels)[labelled].float().mean())
-    return stats

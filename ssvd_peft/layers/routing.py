@@ -22,20 +22,18 @@ two_stage routes inside the top-1 domain's group (tied domains all keep their gr
 uniform g uses every expert); the argmax has no gradient, so the global router then learns
 from L_dom alone.
 
-``RoutingContext`` carries g from the global router (or from ``set_domain_probs``) to every
-HDMoLE layer of one adapter; without g every domain gets 1 / M.
+``RoutingContext`` carries g from the global router (``ssvd_peft.methods.hdmole_routing``) or
+from ``set_domain_probs`` to every HDMoLE layer of one adapter; without g every domain gets 1 / M.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 class RoutingContext:
@@ -101,68 +99,6 @@ def masked_mean_pool(features: torch.Tensor, lengths: torch.Tensor | None = None
     mask = (steps[None, :] < lengths[:, None]).to(features.dtype)
     total = (features * mask.unsqueeze(-1)).sum(dim=1)
     return total / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-
-
-class DomainRouter(nn.Module):
-    """Global domain router: g(u) = softmax(W_g pool_t(h_t) + b_g), one per model.
-
-    W_g and b_g start at zero, so g starts uniform (1 / M). The forward returns the logits
-    W_g pool_t(h_t) + b_g (B, M) and hands g to ``context``, where the HDMoLE layers read it.
-    ``route_inputs`` / ``route_outputs`` are forward (pre-)hooks that run it on another module's
-    input or output. Trainable parameters: M (d + 1).
-    """
-
-    def __init__(self, feature_dim: int, num_domains: int, context: RoutingContext | None = None) -> None:
-        super().__init__()
-        self.proj = nn.Linear(feature_dim, num_domains)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-        self.context = context if context is not None else RoutingContext(num_domains)
-
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = masked_mean_pool(features, lengths).to(self.proj.weight.dtype)
-        logits = self.proj(pooled)
-        self.context.set(logits.softmax(dim=-1), logits)
-        return logits
-
-    def route_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook (with_kwargs=True): route on the module's input features."""
-        self._route_values(module, [*args, *kwargs.values()])
-
-    def route_outputs(self, module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook: route on the module's output features."""
-        self._route_values(module, [output])
-
-    def _route_values(self, module: nn.Module, values: list[Any]) -> None:
-        """Run on the first (B, T, d) tensor of ``values`` (tuples and lists searched depth first, as
-        ESPnet's subsampling returns ((x, pos_emb), mask) with relative positions); lengths from a
-        (B,) integer tensor, else from a (B, 1, T) boolean padding mask (as ESPnet's layers get)."""
-        tensors = list(_tensors(values))
-        dim = self.proj.in_features
-        features = next((t for t in tensors if t.dim() == 3 and t.shape[-1] == dim), None)
-        if features is None:
-            raise ValueError(
-                f"the domain router's source {type(module).__name__} gave no (B, T, {dim}) tensor "
-                f"(got shapes {[tuple(t.shape) for t in tensors]}); pick another source module or "
-                "feature_dim"
-            )
-        lengths = next(
-            (t for t in tensors if t.dim() == 1 and len(t) == len(features) and not t.is_floating_point()),
-            None,
-        )
-        if lengths is None:
-            masks = (t for t in tensors if t.dtype == torch.bool and t.dim() == 3)
-            mask = next((t for t in masks if t.shape == (len(features), 1, features.shape[1])), None)
-            lengths = None if mask is None else mask[:, 0].sum(dim=-1)
-        self(features, lengths)
-
-
-def _tensors(values: list[Any] | tuple[Any, ...]) -> Iterator[torch.Tensor]:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, tuple | list):
-            yield from _tensors(value)
 
 
 def domain_gate(

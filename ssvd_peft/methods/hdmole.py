@@ -1,5 +1,9 @@
-"""HDMoLE's home: its config and its registry entry (the math: ``ssvd_peft.layers.hdmole`` and
-``ssvd_peft.layers.routing``).
+"""HDMoLE's home: its config and its registry entry (the layer math: ``ssvd_peft.layers.hdmole``
+and ``.routing``; the model level, with the domain router: ``ssvd_peft.methods.hdmole_routing``).
+
+One config holds everything HDMoLE takes: the experts and their routing, the global domain
+router's source (``router_source``: it is attached at injection), the auxiliary loss weights a
+training loop applies, and the names of the domain ids (``domains``).
 
 Trainable parameters per in -> out layer (closed form), N experts of rank r:
     inner  N r in + N (in + 1) + (1 | in + 1)    expert A's, local router, threshold
@@ -9,19 +13,28 @@ Trainable parameters per in -> out layer (closed form), N experts of rank r:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
-from ssvd_peft.config import PeftConfigError, check_choice, check_positive_int, is_positive_int, option
+from ssvd_peft.config import (
+    AdapterConfig,
+    PeftConfigError,
+    check_choice,
+    check_positive_int,
+    is_positive_int,
+    option,
+)
 from ssvd_peft.layers.base import TrainableSplit
 from ssvd_peft.layers.hdmole import HdmoleAdapter
+from ssvd_peft.methods.hdmole_routing import ROUTER_SIDES, DomainRouter
 from ssvd_peft.methods.lora import LoraConfig, check_rank
 from ssvd_peft.registry import Method, register_method
 
 COMBINATIONS = ("product", "mix", "two_stage")
 THRESHOLDS = ("learnable", "input")
 SHARED_EXPERT = -1
+UNLABELLED = "-"
 
 
 @dataclass
@@ -33,6 +46,16 @@ class HdmoleConfig(LoraConfig):
     """
 
     method: ClassVar[str] = "hdmole"
+    SHARED_FIELDS: ClassVar[tuple[str, ...]] = (
+        *AdapterConfig.SHARED_FIELDS,
+        "num_domains",
+        "router_source",
+        "router_side",
+        "router_dim",
+        "domain_weight",
+        "balance_weight",
+        "domains",
+    )
 
     num_experts: int | None = option(
         "N LoRA experts per layer (default: num_domains * experts_per_domain + shared_experts)",
@@ -59,6 +82,25 @@ class HdmoleConfig(LoraConfig):
         default="learnable",
     )
     tau_max: float | None = option("upper bound of the threshold (default: 1 / N)", default=None)
+    router_source: str | None = option(
+        "module whose input or output the global domain router mean-pools over time (attached at "
+        "injection); none: g is uniform or set by hand (set_domain_probs)",
+        default=None,
+    )
+    router_side: str = option("input | output of router_source", default="input")
+    router_dim: int | None = option(
+        "width of the router's features (default: from router_source: output_size() or its last "
+        "Linear on the output side, its in_features if it is a Linear)",
+        default=None,
+    )
+    domain_weight: float = option("weight of the domain loss: L + domain_weight L_dom + ...", default=0.5)
+    balance_weight: float = option(
+        "weight of the expert-balance loss: ... + balance_weight L_bal", default=0.01
+    )
+    domains: list[str] | None = option(
+        "names of the domain ids 0 .. num_domains - 1 (single words; '-' marks an unlabelled utterance)",
+        default=None,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +119,13 @@ class HdmoleConfig(LoraConfig):
             raise PeftConfigError(f"hdmole: mix_beta must be in [0, 1], got {self.mix_beta}")
         if self.tau_max is not None and not 0.0 < self.tau_max <= 1.0:
             raise PeftConfigError(f"hdmole: tau_max must be in (0, 1], got {self.tau_max}")
+        check_choice(self.method, "router_side", self.router_side, ROUTER_SIDES)
+        if self.router_dim is not None:
+            check_positive_int(self.method, "router_dim", self.router_dim)
+        if self.domain_weight < 0 or self.balance_weight < 0:
+            raise PeftConfigError("hdmole: domain_weight and balance_weight must be >= 0")
+        if self.domains is not None:
+            self.domains = checked_domain_names(self.domains, self.num_domains)
         self.expert_domain_map()
 
     def expert_domain_map(self) -> list[int]:
@@ -146,4 +195,35 @@ class HdmoleConfig(LoraConfig):
         return TrainableSplit(inner=inner, outer=experts * self.rank * out_features)
 
 
-HDMOLE = register_method(Method("hdmole", HdmoleConfig, HdmoleAdapter, knob="rank"))
+def checked_domain_names(names: Any, num_domains: int) -> list[str]:
+    """The ``domains`` list: one distinct single-word name per domain id, none an integer or '-'."""
+    if not isinstance(names, list | tuple) or not names:
+        raise PeftConfigError(f"hdmole: domains must be a list of domain names, got {names!r}")
+    bad = [name for name in names if not isinstance(name, str) or name.split() != [name]]
+    if bad:
+        raise PeftConfigError(
+            f"hdmole: domains must be single-word names (quote names YAML reads as numbers or "
+            f"booleans), got {bad!r} in {list(names)!r}"
+        )
+    reserved = [name for name in names if name == UNLABELLED or is_domain_id(name)]
+    if reserved:
+        raise PeftConfigError(
+            f"hdmole: {reserved} cannot be domain names ({UNLABELLED!r} marks an unlabelled "
+            "utterance, integers are ids); rename them"
+        )
+    if len(set(names)) != len(names):
+        raise PeftConfigError(f"hdmole: domains has repeated names: {list(names)}")
+    if len(names) != num_domains:
+        raise PeftConfigError(
+            f"hdmole: domains names {len(names)} domains {list(names)} but num_domains is {num_domains}; "
+            f"give one name per domain id 0 .. {num_domains - 1}"
+        )
+    return list(names)
+
+
+def is_domain_id(text: str) -> bool:
+    """Whether ``text`` is an integer (a domain id, as opposed to a name)."""
+    return text.removeprefix("-").isdigit()
+
+
+HDMOLE = register_method(Method("hdmole", HdmoleConfig, HdmoleAdapter, knob="rank", model_part=DomainRouter))

@@ -197,7 +197,8 @@ def test_every_peft_config_trains_the_budget_and_hdmole_that_of_all_domains(tmp_
     one_rank_of_three_experts = 3 * budget / 8  # the budget is LoRA rank 8; HDMoLE's knob moves 3 experts
     assert abs(trainable["hdmole"] - 3 * budget) <= one_rank_of_three_experts / 2 + 0.02 * budget, trainable
     hdmole = yaml.safe_load((conf / "hdmole.yaml").read_text())
-    assert hdmole["peft_hdmole"]["domains"] == ["accent", "child", "noisy"]
+    assert hdmole["peft_conf"]["domains"] == ["accent", "child", "noisy"]
+    assert hdmole["peft_conf"]["router_source"] == "encoder.embed" and "peft_hdmole" not in hdmole
     assert hdmole["peft_conf"]["num_domains"] == 3
     split = yaml.safe_load((conf / "ssvd_o@outer0.5.yaml").read_text())["peft_conf"]
     main = yaml.safe_load((conf / "ssvd_o.yaml").read_text())["peft_conf"]

@@ -1,4 +1,4 @@
-"""HDMoLE domain names: ``peft_hdmole.domains`` names the ids 0 .. M-1, utt2domain read as text
+"""HDMoLE domain names: ``peft_conf.domains`` names the ids 0 .. M-1, utt2domain read as text
 holds names (``-`` = unlabelled) that the task's preprocessing turns into ids, and
 ``export_merged --peft_domain`` takes a name or an id."""
 
@@ -12,17 +12,17 @@ import pytest
 from espnet_runs import TINY_CONFIG
 from tiny_corpus import TOKENS
 
-from espnet_plugins.export import ExportError, export_domain
-from espnet_plugins.hdmole import UNLABELLED, DomainNames, HdmoleOptions, domain_id
+from espnet_plugins.hdmole import DomainNames, domain_id, export_domain
 from espnet_plugins.tasks.asr import PeftASRTask
-from ssvd_peft.config import PeftConfigError
+from ssvd_peft.config import PeftConfigError, config_from_dict
+from ssvd_peft.methods.hdmole import UNLABELLED
 
 pytest.importorskip("espnet2")
 
 DOMAINS = ("native", "accent", "child")
 
 
-def task_args(tmp_path: Path, hdmole_block: str, num_domains: int = 3) -> argparse.Namespace:
+def task_args(tmp_path: Path, options: str, num_domains: int = 3) -> argparse.Namespace:
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("\n".join(TOKENS) + "\n")
     return PeftASRTask.get_parser().parse_args(
@@ -36,9 +36,7 @@ def task_args(tmp_path: Path, hdmole_block: str, num_domains: int = 3) -> argpar
             "--peft",
             "hdmole",
             "--peft_conf",
-            f"{{target_modules: [linear_q], num_domains: {num_domains}, rank: 2}}",
-            "--peft_hdmole",
-            hdmole_block,
+            f"{{target_modules: [linear_q], num_domains: {num_domains}, rank: 2, {options}}}",
         ]
     )
 
@@ -58,7 +56,7 @@ def test_an_unknown_name_names_the_utterance_the_name_and_the_known_names() -> N
 
 
 def test_a_name_without_a_domains_list_says_how_to_fix_it() -> None:
-    with pytest.raises(ValueError, match=r"'utt1'.*'accent'.*peft_hdmole.domains.*text_int"):
+    with pytest.raises(ValueError, match=r"'utt1'.*'accent'.*peft_conf.domains.*text_int"):
         domain_id("accent", None, "utt1")
 
 
@@ -76,13 +74,13 @@ def test_a_name_without_a_domains_list_says_how_to_fix_it() -> None:
 )
 def test_bad_domains_lists_are_refused(domains, message) -> None:
     with pytest.raises(PeftConfigError, match=message):
-        HdmoleOptions.from_dict({"domains": domains})
+        config_from_dict("hdmole", {"target_modules": ["x"], "num_domains": 2, "domains": domains})
 
 
 def test_the_domains_list_must_name_every_domain_of_peft_conf(tmp_path: Path) -> None:
-    assert HdmoleOptions.from_dict({"domains": list(DOMAINS)}).domain_names(3) == DOMAINS
-    assert HdmoleOptions.from_dict({}).domain_names(3) is None
-    args = task_args(tmp_path, "{domains: [native, accent]}", num_domains=3)
+    config = config_from_dict("hdmole", {"target_modules": ["x"], "num_domains": 3, "domains": list(DOMAINS)})
+    assert config.domains == list(DOMAINS)
+    args = task_args(tmp_path, "domains: [native, accent]", num_domains=3)
     with pytest.raises(PeftConfigError, match=r"names 2 domains \['native', 'accent'\].*num_domains is 3"):
         PeftASRTask.build_model(args)
 
@@ -104,7 +102,7 @@ def test_the_wrapper_maps_names_before_the_inner_preprocessing_and_keeps_ids() -
 
 
 def test_the_task_preprocessing_turns_names_into_ids_and_text_into_tokens(tmp_path: Path) -> None:
-    args = task_args(tmp_path, "{domains: [native, accent, child]}")
+    args = task_args(tmp_path, "domains: [native, accent, child]")
     preprocess = PeftASRTask.build_preprocess_fn(args, train=True)
     data = preprocess("utt1", {"speech": np.zeros(800, dtype=np.float32), "text": "abd", "domain": "accent"})
     assert data["domain"].tolist() == [1]
@@ -113,11 +111,11 @@ def test_the_task_preprocessing_turns_names_into_ids_and_text_into_tokens(tmp_pa
         preprocess("utt2", {"speech": np.zeros(800, dtype=np.float32), "text": "a", "domain": "welsh"})
 
 
-def test_export_takes_a_domain_name_or_an_id(tmp_path: Path) -> None:
-    args = task_args(tmp_path, "{domains: [native, accent, child]}")
-    assert [export_domain(domain, args) for domain in ("child", "1", 0)] == [2, 1, 0]
-    with pytest.raises(ExportError, match=r"'welsh'.*\['native', 'accent', 'child'\]"):
-        export_domain("welsh", args)
-    without_names = task_args(tmp_path, "{domain_weight: 1.0}")
-    with pytest.raises(ExportError, match=r"peft_hdmole\.domains is not set"):
+def test_export_takes_a_domain_name_or_an_id() -> None:
+    config = config_from_dict("hdmole", {"target_modules": ["x"], "num_domains": 3, "domains": list(DOMAINS)})
+    assert [export_domain(domain, config) for domain in ("child", "1", "0")] == [2, 1, 0]
+    with pytest.raises(ValueError, match=r"'welsh'.*\['native', 'accent', 'child'\]"):
+        export_domain("welsh", config)
+    without_names = config_from_dict("hdmole", {"target_modules": ["x"], "num_domains": 3})
+    with pytest.raises(ValueError, match=r"peft_conf\.domains is not set"):
         export_domain("accent", without_names)

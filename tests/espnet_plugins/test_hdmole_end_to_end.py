@@ -4,7 +4,7 @@ A tiny Transformer ASR model is pretrained with stock ``espnet2.bin.asr_train`` 
 corpus at its own pitch; ``espnet_plugins.bin.asr_train`` then adapts it with ``peft: hdmole``
 to a mix of that pitch (domain ``source``, id 0) and a shifted one (``shifted``, id 1), reading
 ``utt2domain`` (domain names, ``-`` for a few unlabelled training utterances) as text under
-``peft_hdmole.domains``. The domain router pools the layer-normalised input of the first
+``peft_conf.domains``. The domain router pools the layer-normalised input of the first
 encoder block's self-attention over the valid frames (its padding mask), so every adapted
 layer is routed with the current batch's domain. A short run with two processes (DDP, gloo)
 reads the integer ids of ``utt2domain_id`` as text_int.
@@ -37,8 +37,6 @@ HDMOLE_BLOCK = {
         "num_domains": 2,
         "experts_per_domain": 2,
         "rank": 4,
-    },
-    "peft_hdmole": {
         "domain_weight": 5.0,
         "balance_weight": 0.01,
         "router_source": "encoder.encoders.0.self_attn",
@@ -203,10 +201,8 @@ def test_distributed_training_with_two_processes_reads_integer_ids(work: Path, p
     over the ranks include the HDMoLE ones, and DDP runs without --unused_parameters."""
     config = yaml.safe_load((REPO / "conf" / "tiny" / "finetune_ssvd_o.yaml").read_text())
     config.update(HDMOLE_BLOCK)
-    config["peft_conf"] = {**HDMOLE_BLOCK["peft_conf"], "combination": "two_stage"}
-    config["peft_hdmole"] = {
-        key: value for key, value in HDMOLE_BLOCK["peft_hdmole"].items() if key != "domains"
-    }
+    ids_only = {key: value for key, value in HDMOLE_BLOCK["peft_conf"].items() if key != "domains"}
+    config["peft_conf"] = {**ids_only, "combination": "two_stage"}
     (work / "hdmole_ddp.yaml").write_text(yaml.safe_dump(config))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,5 +1,5 @@
-"""HDMoLE in an ESPnet model, in process: the peft_hdmole block, the loss and statistics hook,
-domain labels, and the router in adapter-only state dicts."""
+"""HDMoLE in an ESPnet model, in process: its options in peft_conf (the old peft_hdmole block
+refused), the loss and statistics hook, domain labels, and the router in adapter-only state dicts."""
 
 from __future__ import annotations
 
@@ -11,24 +11,21 @@ from espnet2.torch_utils.recursive_op import recursive_average
 from espnet_runs import TINY_CONFIG
 from tiny_corpus import TOKENS
 
-from espnet_plugins.hdmole import HdmoleOptions, LayerStatistics, domain_labels
+from espnet_plugins.hdmole import LayerStatistics, domain_labels
 from espnet_plugins.options import peft_options
 from espnet_plugins.state import load_adapter_entries
 from espnet_plugins.tasks.asr import PeftASRTask
 from ssvd_peft.config import PeftConfigError
-from ssvd_peft.layers.hdmole import domain_router, hdmole_aux_losses
 from ssvd_peft.layers.routing import IGNORE_DOMAIN
+from ssvd_peft.methods.hdmole_routing import domain_router, hdmole_aux_losses
 
 pytest.importorskip("espnet2")
 
-BLOCK = [
-    "--peft",
-    "hdmole",
-    "--peft_conf",
-    "{target_modules: [linear_q, w_1], num_domains: 2, rank: 2}",
-    "--peft_hdmole",
-    "{domain_weight: 0.5, balance_weight: 0.1, router_source: encoder.encoders.0.self_attn, router_dim: 64}",
-]
+HDMOLE = "target_modules: [linear_q, w_1], num_domains: 2, rank: 2"
+ROUTER = (
+    "domain_weight: 0.5, balance_weight: 0.1, router_source: encoder.encoders.0.self_attn, router_dim: 64"
+)
+BLOCK = ["--peft", "hdmole", "--peft_conf", f"{{{HDMOLE}, {ROUTER}}}"]
 
 
 def build(tmp_path: Path, *block: str) -> torch.nn.Module:
@@ -112,8 +109,7 @@ def test_every_statistic_has_the_shape_of_the_weight_so_ranks_can_average_it(mod
 def test_without_labels_every_trainable_parameter_is_in_the_graph_of_two_stage_routing(
     tmp_path: Path,
 ) -> None:
-    two_stage = [*BLOCK]
-    two_stage[3] = "{target_modules: [linear_q, w_1], num_domains: 2, rank: 2, combination: two_stage}"
+    two_stage = [*BLOCK[:3], f"{{{HDMOLE}, {ROUTER}, combination: two_stage}}"]
     model = build(tmp_path, *two_stage)
     model.train()
     loss, stats, _ = model(**batch(None))
@@ -143,31 +139,40 @@ def test_domain_labels_mark_negative_ids_unlabelled_and_refuse_unknown_domains()
 
 
 @pytest.mark.parametrize(
-    ("block", "message"),
+    ("option", "message"),
     [
-        ({"domain_wieght": 1.0}, "unknown option"),
-        ({"router_side": "middle"}, "router_side"),
-        ({"balance_weight": -1.0}, ">= 0"),
+        ("domain_wieght: 1.0", "unknown option 'domain_wieght'. Did you mean 'domain_weight'"),
+        ("router_side: middle", "router_side must be one of input, output"),
+        ("balance_weight: -1.0", ">= 0"),
     ],
 )
-def test_bad_peft_hdmole_blocks_are_refused(block, message) -> None:
+def test_bad_hdmole_options_are_refused(option, message, tmp_path: Path) -> None:
     with pytest.raises(PeftConfigError, match=message):
-        HdmoleOptions.from_dict(block)
+        build(tmp_path, "--peft", "hdmole", "--peft_conf", f"{{{HDMOLE}, {option}}}")
 
 
-def test_peft_hdmole_belongs_to_peft_hdmole_only(tmp_path: Path) -> None:
+def test_an_old_peft_hdmole_block_is_refused_with_where_its_keys_went() -> None:
     args = PeftASRTask.get_parser().parse_args(
         [
             "--peft",
-            "lora",
+            "hdmole",
             "--peft_conf",
-            "{target_modules: [linear_q]}",
+            f"{{{HDMOLE}}}",
             "--peft_hdmole",
-            "{domain_weight: 1}",
+            "{domain_weight: 1, router_side: output}",
         ]
     )
-    with pytest.raises(PeftConfigError, match="peft_hdmole is for peft: hdmole"):
-        peft_options(args).hdmole_options()
+    with pytest.raises(
+        PeftConfigError,
+        match=r"peft_hdmole is gone: its keys \['domain_weight', 'router_side'\] go into peft_conf",
+    ):
+        peft_options(args)
+
+
+def test_router_options_are_not_per_module(tmp_path: Path) -> None:
+    overrides = "module_overrides: {linear_q: {router_side: output}}"
+    with pytest.raises(PeftConfigError, match="unknown module_overrides 'router_side'"):
+        build(tmp_path, "--peft", "hdmole", "--peft_conf", f"{{{HDMOLE}, {overrides}}}")
 
 
 def test_layer_statistics_are_weighted_by_batch_size(tmp_path: Path) -> None:
@@ -181,7 +186,7 @@ def test_layer_statistics_are_weighted_by_batch_size(tmp_path: Path) -> None:
 
 
 def test_a_router_on_utterance_normalised_encoder_input_is_refused(tmp_path: Path) -> None:
-    block = [*BLOCK[:-1], "{router_source: encoder, router_side: input}"]
+    block = [*BLOCK[:3], f"{{{HDMOLE}, router_source: encoder, router_side: input}}"]
     with pytest.raises(
         PeftConfigError, match=r"utterance_mvn makes zero in every utterance.*router_source: encoder\.embed"
     ):
@@ -189,7 +194,7 @@ def test_a_router_on_utterance_normalised_encoder_input_is_refused(tmp_path: Pat
 
 
 def test_a_router_on_the_subsampling_output_tells_utterances_apart(tmp_path: Path) -> None:
-    model = build(tmp_path, *BLOCK[:-1], "{router_source: encoder.embed, router_side: output}")
+    model = build(tmp_path, *BLOCK[:3], f"{{{HDMOLE}, router_source: encoder.embed, router_side: output}}")
     router = domain_router(model)
     assert router.proj.in_features == 64
     with torch.no_grad():

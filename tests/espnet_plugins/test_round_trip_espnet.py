@@ -34,7 +34,7 @@ from espnet_plugins.modules import stock_task
 from espnet_plugins.task import with_merged_adapters
 from espnet_plugins.tasks.asr import PeftASRTask
 from ssvd_peft.gradient_check import AdapterGradientError
-from ssvd_peft.layers.hdmole import merge_domain_experts
+from ssvd_peft.methods.hdmole_routing import merge_domain_experts
 
 TARGETS = ["linear_q", "linear_v", "w_1", "w_2"]
 METHODS = {
@@ -46,8 +46,13 @@ METHODS = {
     "ssvd_o": {"peft": "ssvd_o", "peft_conf": {"k_ratio": 0.25, "outer_share": 0.5}},
     "hdmole": {
         "peft": "hdmole",
-        "peft_conf": {"rank": 2, "num_domains": 2},
-        "peft_hdmole": {"router_source": "encoder.embed", "router_side": "output", "domains": ["a", "b"]},
+        "peft_conf": {
+            "rank": 2,
+            "num_domains": 2,
+            "router_source": "encoder.embed",
+            "router_side": "output",
+            "domains": ["a", "b"],
+        },
     },
 }
 DECODING = ["--batch_size", "1", "--beam_size", "2", "--ctc_weight", "0.5", "--ngpu", "0"]

@@ -17,25 +17,28 @@ from layer_builders import add_adapter, make_linear, rel_err
 from torch import nn
 
 from ssvd_peft.budget import estimate_budget
+from ssvd_peft.checkpoint import load_adapter, save_adapter
 from ssvd_peft.config import PeftConfigError, config_from_dict
 from ssvd_peft.inject import (
     inject_adapters,
     merge_adapters,
     merge_and_unload,
+    unload,
     unmerge_adapters,
 )
 from ssvd_peft.layers import AdapterLinear, HdmoleAdapter
-from ssvd_peft.layers.hdmole import (
-    RoutedMergeError,
+from ssvd_peft.layers.hdmole import RoutedMergeError
+from ssvd_peft.layers.routing import IGNORE_DOMAIN, combine_routes, masked_mean_pool
+from ssvd_peft.methods.hdmole import HdmoleConfig
+from ssvd_peft.methods.hdmole_routing import (
     attach_domain_router,
+    domain_router,
     hdmole_aux_losses,
     hdmole_statistics,
     merge_domain_experts,
     routing_context,
     set_domain_probs,
 )
-from ssvd_peft.layers.routing import IGNORE_DOMAIN, combine_routes, masked_mean_pool
-from ssvd_peft.methods.hdmole import HdmoleConfig
 
 # Domain 0: experts 0, 1; domain 1: expert 2; expert 3 is shared (G_0 = {0, 1, 3}, G_1 = {2, 3}).
 EXPERT_DOMAINS = [0, 0, 1, -1]
@@ -596,3 +599,28 @@ def test_training_on_two_domains_teaches_the_router_the_domain_of_held_out_utter
     assert accuracy_before < 0.6
     assert accuracy_after > 0.9
     assert error_after < 0.7 * error_before
+
+
+def test_a_config_with_a_router_source_attaches_the_router_at_injection(tmp_path):
+    model = TwoLayers()
+    inject_adapters(model, "hdmole", target_modules=["up", "down"], router_source="up", **OPTIONS)
+    router = domain_router(model)
+    assert router is not None and router.proj.in_features == 8, "the width of the Linear it reads"
+    contexts = {id(model.get_submodule(name).peft_adapters["default"].context) for name in ("up", "down")}
+    assert contexts == {id(router.context)}, "one context for every layer, bound at injection"
+    with torch.no_grad():
+        router.proj.weight.normal_()
+    x = torch.randn(2, 5, 8)
+    expected = model(x)
+
+    base = unload(copy.deepcopy(model))
+    load_adapter(base, save_adapter(model, tmp_path / "adapter.pt"))
+    torch.testing.assert_close(base(x), expected)
+    assert domain_router(base).source_module == "up"
+
+
+def test_without_a_router_source_the_layers_still_share_one_context():
+    model = TwoLayers()
+    inject_adapters(model, "hdmole", target_modules=["up", "down"], **OPTIONS)
+    up, down = (model.get_submodule(name).peft_adapters["default"] for name in ("up", "down"))
+    assert up.context is down.context is routing_context(model)

@@ -58,7 +58,7 @@ def method_options(adapters: dict[str, Any], method: str, domains: list[str]) ->
     """A method's options besides its rank or k: targets, the adapters file's options, HDMoLE's domains."""
     options = {"target_modules": list(adapters["target_modules"]), **adapters["methods"].get(method, {})}
     if method == "hdmole":
-        options["num_domains"] = len(domains)
+        options.update(num_domains=len(domains), domains=list(domains))
     return options
 
 
@@ -116,8 +116,6 @@ class Planner:
             self.trainable[name] = sum(parameter.numel() for parameter in self.model.parameters())
         else:
             config = {"peft": method, "peft_conf": block, "peft_save": "adapter", **training}
-            if method == "hdmole":
-                config["peft_hdmole"] = {**self.adapters.get("peft_hdmole", {}), "domains": self.domains}
             self.trainable[name] = estimate_budget(self.model, method, **block).trainable
         path = self.out_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
