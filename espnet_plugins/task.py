@@ -39,13 +39,9 @@ from espnet_plugins.pretrained import (
     load_base_weights,
     pretrained_config_path,
 )
-from espnet_plugins.state import (
-    check_adapter_entries,
-    keep_adapter_entries,
-    load_adapter_entries,
-    read_model_file,
-)
+from espnet_plugins.state import keep_adapter_entries, read_model_file
 from espnet_plugins.trainer import PeftTrainer, budget_summary
+from ssvd_peft.adapter_state import check_adapter_entries, load_adapter_entries
 from ssvd_peft.budget import InjectionReport
 from ssvd_peft.config import AdapterConfig
 from ssvd_peft.gradient_check import require_adapter_gradients

@@ -13,7 +13,8 @@ import torch
 from espnet2.train.trainer import Trainer
 
 from espnet_plugins.hdmole import STATS_DIR
-from espnet_plugins.state import is_adapter_entry, load_adapter_entries, read_model_file
+from espnet_plugins.state import read_model_file
+from ssvd_peft.adapter_state import is_adapter_entry, load_adapter_entries
 from ssvd_peft.layers.base import ADAPTERS_ATTR, is_adapter_parameter
 
 logger = logging.getLogger(__name__)

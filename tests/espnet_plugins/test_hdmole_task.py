@@ -13,8 +13,8 @@ from tiny_corpus import TOKENS
 
 from espnet_plugins.hdmole import LayerStatistics, domain_labels
 from espnet_plugins.options import peft_options
-from espnet_plugins.state import load_adapter_entries
 from espnet_plugins.tasks.asr import PeftASRTask
+from ssvd_peft.adapter_state import load_adapter_entries
 from ssvd_peft.config import PeftConfigError
 from ssvd_peft.layers.routing import IGNORE_DOMAIN
 from ssvd_peft.methods.hdmole_routing import domain_router, hdmole_aux_losses

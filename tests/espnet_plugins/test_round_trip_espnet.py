@@ -33,6 +33,7 @@ from espnet_plugins.export import export_merged
 from espnet_plugins.modules import stock_task
 from espnet_plugins.task import with_merged_adapters
 from espnet_plugins.tasks.asr import PeftASRTask
+from ssvd_peft.checkpoint import load_adapter
 from ssvd_peft.gradient_check import AdapterGradientError
 from ssvd_peft.methods.hdmole_routing import merge_domain_experts
 
@@ -172,6 +173,18 @@ def test_the_plugin_loads_the_trained_model_bit_for_bit(experiment: Experiment) 
     torch.manual_seed(12345)  # a randomized SVD at load time would now differ
     model, _ = PeftASRTask.build_model_from_file(experiment.config, experiment.model_file)
     assert torch.equal(encoder_output(model, experiment.data), experiment.expected)
+
+
+@pytest.mark.parametrize("experiment", list(METHODS), indirect=True)
+def test_load_adapter_opens_what_espnet_training_wrote_on_the_plain_model(
+    experiment: Experiment, work: Path
+) -> None:
+    """The stock ESPnet model (no plugin) with its pretrained weights, and the adapter-only model file
+    with the experiment's config.yaml: the trained model, bit for bit."""
+    plain, _ = ASRTask.build_model_from_file(work / "base" / "config.yaml", work / "base" / "model.pth")
+    torch.manual_seed(4321)
+    load_adapter(plain, experiment.model_file)
+    assert torch.equal(encoder_output(plain, experiment.data), experiment.expected)
 
 
 @pytest.mark.parametrize("experiment", MERGEABLE, indirect=True)

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from espnet_plugins.state import (
+from espnet_plugins.state import keep_adapter_entries
+from ssvd_peft.adapter_state import (
     FINGERPRINT,
+    AdapterCheckpointError,
     is_adapter_entry,
-    keep_adapter_entries,
     load_adapter_entries,
 )
-from ssvd_peft.checkpoint import AdapterCheckpointError
 from ssvd_peft.inject import inject_adapters, iter_adapter_layers, merge_and_unload
 
 TARGETS = ["linear_q", "linear_v", "w_1"]

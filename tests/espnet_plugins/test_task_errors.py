@@ -18,7 +18,7 @@ from tiny_corpus import write_token_list
 from espnet_plugins.modules import stock_task
 from espnet_plugins.options import peft_options
 from espnet_plugins.tasks.asr import PeftASRTask
-from ssvd_peft.checkpoint import AdapterCheckpointError
+from ssvd_peft.adapter_state import AdapterCheckpointError
 from ssvd_peft.config import PeftConfigError
 
 PEFT = {"peft": "lora", "peft_conf": {"target_modules": ["linear_q", "w_1"], "rank": 2}}
