@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -32,6 +33,12 @@ class EspnetExtension:
 
     def after_injection(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         """Hook the method into ESPnet's training (losses, statistics) after injection."""
+
+    def validation_started(self, model: nn.Module) -> None:
+        """A validation epoch begins (the trainer calls it on every rank)."""
+
+    def validation_finished(self, model: nn.Module, output_dir: Path, epoch: int) -> None:
+        """A validation epoch ended (the trainer calls it on rank 0): write what it gathered."""
 
     def fixed_merge(self, model: nn.Module, config: AdapterConfig, adapter_name: str, choice: str) -> None:
         """Merge an adapter without an exact merge for one fixed condition (``--peft_domain``)."""

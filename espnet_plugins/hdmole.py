@@ -39,6 +39,7 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -155,7 +156,11 @@ def check_router_source(model: nn.Module, config: HdmoleConfig) -> None:
 
 
 class HdmoleExtension(EspnetExtension):
-    """HDMoLE's part of the ESPnet task (see the module docstring)."""
+    """HDMoLE's part of the ESPnet task (see the module docstring); it keeps each model's
+    per-layer validation statistics."""
+
+    def __init__(self) -> None:
+        self.statistics: WeakKeyDictionary[nn.Module, LayerStatistics] = WeakKeyDictionary()
 
     def prepare_config(self, model: nn.Module, config: HdmoleConfig) -> HdmoleConfig:
         check_router_source(model, config)
@@ -165,10 +170,18 @@ class HdmoleExtension(EspnetExtension):
         return DomainNames(preprocess, config.domains)
 
     def after_injection(self, model: nn.Module, config: HdmoleConfig, adapter_name: str) -> None:
-        model.hdmole_layer_statistics = LayerStatistics()
+        statistics = self.statistics.setdefault(model, LayerStatistics())
         model.register_forward_hook(
-            partial(_add_hdmole_terms, config=config, adapter_name=adapter_name), with_kwargs=True
+            partial(_add_hdmole_terms, config=config, adapter_name=adapter_name, statistics=statistics),
+            with_kwargs=True,
         )
+
+    def validation_started(self, model: nn.Module) -> None:
+        self.statistics[model].reset()
+
+    def validation_finished(self, model: nn.Module, output_dir: Path, epoch: int) -> None:
+        """``<output_dir>/hdmole_stats/valid.<epoch>.txt``: the epoch's per-layer routing statistics."""
+        self.statistics[model].write(output_dir / STATS_DIR / f"valid.{epoch}.txt")
 
     def fixed_merge(self, model: nn.Module, config: HdmoleConfig, adapter_name: str, choice: str) -> None:
         """Fold the experts of domain ``choice`` (an id, or a name from ``domains``) into the weights."""
@@ -211,6 +224,7 @@ def _add_hdmole_terms(
     output: Any,
     config: HdmoleConfig,
     adapter_name: str,
+    statistics: LayerStatistics,
 ) -> Any:
     if domain_router(model, adapter_name) is None:
         return output
@@ -227,7 +241,7 @@ def _add_hdmole_terms(
     if not model.training:
         routing = hdmole_statistics(model, labels, adapter_name)
         added.update({f"hdmole_{key}": routing[key] for key in ROUTING_STATS if key in routing})
-        model.hdmole_layer_statistics.add(routing, float(weight))
+        statistics.add(routing, float(weight))
     return total, {**stats, **force_gatherable(added, loss.device)}, weight
 
 

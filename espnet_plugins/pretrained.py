@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,7 @@ def adopt_pretrained_architecture(
     path = pretrained_config_path(options)
     if path is None:
         return
-    with path.open(encoding="utf-8") as f:
-        pretrained: dict[str, Any] = yaml.safe_load(f)
+    pretrained = read_config(path.resolve(), path.stat().st_mtime_ns)
     for key in keys:
         if key not in pretrained:
             continue
@@ -86,6 +86,13 @@ def adopt_pretrained_architecture(
             logger.warning(
                 "%s differs from the pretrained model's config %s; using this config's value", key, path
             )
+
+
+@lru_cache(maxsize=4)
+def read_config(path: Path, _mtime_ns: int) -> dict[str, Any]:
+    """A training config.yaml, read once per process (and again if the file changes)."""
+    with path.open(encoding="utf-8") as f:
+        return yaml.safe_load(f)
 
 
 def load_base_weights(model: nn.Module, options: PeftOptions, ignore_init_mismatch: bool) -> None:

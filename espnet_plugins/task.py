@@ -40,9 +40,9 @@ from espnet_plugins.pretrained import (
     pretrained_config_path,
 )
 from espnet_plugins.state import keep_adapter_entries, read_model_file
-from espnet_plugins.trainer import PeftTrainer, budget_summary
+from espnet_plugins.trainer import PeftTrainer
 from ssvd_peft.adapter_state import check_adapter_entries, load_adapter_entries
-from ssvd_peft.budget import InjectionReport
+from ssvd_peft.budget import InjectionReport, training_budget
 from ssvd_peft.config import AdapterConfig
 from ssvd_peft.gradient_check import require_adapter_gradients
 from ssvd_peft.inject import inject_adapters, mark_only_adapters_trainable, merge_adapters
@@ -108,8 +108,9 @@ class PeftTaskMixin:
         _record_init_param(args, options)
         model = cls.build_base_model(args, options)
         load_base_weights(model, options, getattr(args, "ignore_init_mismatch", False))
-        report = attach_adapters(model, options, config)
-        logger.info("Parameter-efficient fine-tuning with %s:\n%s", report.method, budget_summary(model))
+        attach_adapters(model, options, config)
+        budget = training_budget(model, options.adapter_name, options.modules_to_save)
+        logger.info("Parameter-efficient fine-tuning with %s:\n%s", config.method, budget)
         return model
 
     @classmethod
@@ -186,8 +187,6 @@ def attach_adapters(model: torch.nn.Module, options: PeftOptions, config: Adapte
     mark_only_adapters_trainable(model, modules_to_save=options.modules_to_save)
     if options.save == "adapter":
         keep_adapter_entries(model, options.modules_to_save)
-    model.peft_options = options
-    model.peft_report = report
     return report
 
 

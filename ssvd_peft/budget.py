@@ -28,7 +28,13 @@ from typing import Any
 from torch import nn
 
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
-from ssvd_peft.layers.base import DEFAULT_ADAPTER, AdapterLinear, TrainableSplit, is_adapter_parameter
+from ssvd_peft.layers.base import (
+    ADAPTERS_ATTR,
+    DEFAULT_ADAPTER,
+    AdapterLinear,
+    TrainableSplit,
+    is_adapter_parameter,
+)
 from ssvd_peft.registry import get_method
 from ssvd_peft.targets import find_target_layers
 
@@ -66,6 +72,29 @@ class InjectionReport:
 
     def __str__(self) -> str:
         return format_budget_table(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as data (JSON-able): every module with its shape and split, the groups, totals."""
+        return {
+            "adapter_name": self.adapter_name,
+            "method": self.method,
+            "model_parameters": self.model_parameters,
+            "trainable": self.trainable,
+            "modules": [
+                {
+                    "name": m.name,
+                    "in_features": m.in_features,
+                    "out_features": m.out_features,
+                    **dataclasses.asdict(m.split),
+                    "total": m.trainable,
+                }
+                for m in self.modules
+            ],
+            "groups": [
+                {"part": part, "block": block, **counts}
+                for (part, block), counts in budget_groups(self).items()
+            ],
+        }
 
 
 def model_part(module_name: str) -> str:
@@ -105,6 +134,77 @@ def estimate_budget(
             raise PeftConfigError(f"module {name!r}: {error}") from None
         report.modules.append(InjectedModule(name, config.method, base.in_features, base.out_features, split))
     return report
+
+
+def adapter_report(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> InjectionReport:
+    """The report of adapter ``adapter_name`` as injected in ``model`` (from its layers and config)."""
+    configs = getattr(model, "peft_config", {})
+    if adapter_name not in configs:
+        raise PeftConfigError(f"the model has no adapter named {adapter_name!r} (it has {sorted(configs)})")
+    config = configs[adapter_name]
+    base_parameters = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_parameter(n))
+    report = InjectionReport(adapter_name, config.method, [], base_parameters)
+    for name, layer in model.named_modules():
+        if isinstance(layer, AdapterLinear) and adapter_name in layer.peft_adapters:
+            split = config.for_module(name).trainable_split(layer.in_features, layer.out_features)
+            report.modules.append(
+                InjectedModule(name, config.method, layer.in_features, layer.out_features, split)
+            )
+    return report
+
+
+@dataclass
+class TrainingBudget:
+    """What trains: the adapter's report, its model part's parameters, the modules_to_save and
+    their parameters, and the trainable (everything that requires grad) and total parameters."""
+
+    report: InjectionReport
+    model_part: int
+    modules_to_save: list[str]
+    saved_parameters: int
+    trainable: int
+    model_parameters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """As data (JSON-able): what ``peft_budget.json`` holds."""
+        return {
+            "adapter": self.report.to_dict(),
+            "model_part": self.model_part,
+            "modules_to_save": {"patterns": self.modules_to_save, "parameters": self.saved_parameters},
+            "trainable": self.trainable,
+            "model_parameters": self.model_parameters,
+        }
+
+    def __str__(self) -> str:
+        lines = [format_budget_table(self.report)]
+        if self.model_part:
+            lines.append(
+                f"model part {ADAPTERS_ATTR}.{self.report.adapter_name}: {self.model_part:,} parameters"
+            )
+        if self.saved_parameters:
+            lines.append(f"modules_to_save {self.modules_to_save}: {self.saved_parameters:,} parameters")
+        share = 100.0 * self.trainable / max(self.model_parameters, 1)
+        lines.append(
+            f"trainable in all: {self.trainable:,} of {self.model_parameters:,} parameters ({share:.3f}%)"
+        )
+        return "\n".join(lines)
+
+
+def training_budget(
+    model: nn.Module, adapter_name: str = DEFAULT_ADAPTER, modules_to_save: list[str] | None = None
+) -> TrainingBudget:
+    """The ``TrainingBudget`` of adapter ``adapter_name`` in ``model`` as it stands (frozen or not)."""
+    named = dict(model.named_parameters())
+    part = [p for n, p in named.items() if n.startswith(f"{ADAPTERS_ATTR}.{adapter_name}.")]
+    saved = [p for n, p in named.items() if p.requires_grad and not is_adapter_parameter(n)]
+    return TrainingBudget(
+        report=adapter_report(model, adapter_name),
+        model_part=sum(p.numel() for p in part),
+        modules_to_save=list(modules_to_save or []),
+        saved_parameters=sum(p.numel() for p in saved),
+        trainable=sum(p.numel() for p in named.values() if p.requires_grad),
+        model_parameters=sum(p.numel() for p in named.values()),
+    )
 
 
 def budget_groups(report: InjectionReport) -> dict[tuple[str, str], dict[str, int]]:

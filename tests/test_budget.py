@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -16,9 +18,10 @@ from ssvd_peft.budget import (
     estimate_budget,
     format_budget_table,
     model_part,
+    training_budget,
 )
 from ssvd_peft.config import PeftConfigError, config_from_dict
-from ssvd_peft.inject import inject_adapters
+from ssvd_peft.inject import inject_adapters, mark_only_adapters_trainable
 from ssvd_peft.registry import get_method
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_out", "w_1", "w_2"]
@@ -141,33 +144,53 @@ def test_modules_are_grouped_by_model_part_and_block(name, part, block):
     assert (model_part(name), block_kind(name)) == (part, block)
 
 
-def test_budget_table_shows_modules_groups_and_total(tiny_asr):
+def test_budget_report_as_data_has_modules_groups_and_totals(tiny_asr):
     report = estimate_budget(tiny_asr, "lora", target_modules=[*TARGETS, "ctc_lo"], rank=2)
-    table = format_budget_table(report)
-    lines = table.splitlines()
-    assert lines[0] == "adapter 'default' (lora)"
+    data = report.to_dict()
+    assert (data["adapter_name"], data["method"]) == ("default", "lora")
+    modules = {m["name"]: m for m in data["modules"]}
     for module in report.modules:
-        [row] = [line for line in lines if line.startswith(module.name + " ")]
-        assert row.split()[1:] == [
-            f"{module.in_features}x{module.out_features}",
-            str(module.split.inner),
-            str(module.split.outer),
-            str(module.split.values),
-            str(module.trainable),
-        ]
+        row = modules[module.name]
+        assert (row["in_features"], row["out_features"]) == (module.in_features, module.out_features)
+        assert (row["inner"], row["outer"], row["values"], row["total"]) == (
+            2 * module.in_features, 2 * module.out_features, 0, module.trainable,
+        )  # fmt: skip
+    groups = {(g["part"], g["block"]): g for g in data["groups"]}
     # 2 layers x 4 attention Linears (16 -> 16): 2 * 32 each; 2 x (w_1 + w_2): 2 * 40 each
-    assert "[encoder / attention] 8 modules" in table
-    assert "[encoder / feed_forward] 4 modules" in table
-    assert "[decoder / attention] 16 modules" in table
-    assert "[decoder / feed_forward] 4 modules" in table
-    assert "[other / other] 1 modules" in table
-    [encoder_attention] = [line for line in lines if line.startswith("[encoder / attention]")]
-    assert encoder_attention.split()[-1] == str(8 * 2 * 32)
+    assert {key: g["modules"] for key, g in groups.items()} == {
+        ("decoder", "attention"): 16,
+        ("decoder", "feed_forward"): 4,
+        ("encoder", "attention"): 8,
+        ("encoder", "feed_forward"): 4,
+        ("other", "other"): 1,
+    }
+    assert groups[("encoder", "attention")]["total"] == 8 * 2 * 32
     # 24 attention Linears * 2 (16 + 16) + 8 feed-forward Linears * 2 (16 + 24) + ctc_lo 2 (16 + 10)
-    [total] = [line for line in lines if line.startswith("total: 33 modules")]
-    assert total.split()[-1] == str(report.trainable) == str(24 * 64 + 8 * 80 + 52)
-    assert f"trainable {report.trainable:,} of {report.model_parameters:,}" in lines[-1]
-    assert str(report) == table
+    assert data["trainable"] == sum(g["total"] for g in groups.values()) == 24 * 64 + 8 * 80 + 52
+    assert data["model_parameters"] == sum(p.numel() for p in tiny_asr.parameters())
+    json.dumps(data)  # plain data
+
+
+def test_the_budget_table_names_every_module_and_the_totals(tiny_asr):
+    report = estimate_budget(tiny_asr, "lora", target_modules=[*TARGETS, "ctc_lo"], rank=2)
+    table = str(report)
+    assert all(module.name in table for module in report.modules)
+    assert "[encoder / attention] 8 modules" in table
+    assert f"trainable {report.trainable:,} of {report.model_parameters:,}" in table
+
+
+def test_the_training_budget_adds_the_model_part_and_modules_to_save(tiny_asr):
+    inject_adapters(tiny_asr, "lora", target_modules=TARGETS, rank=2)
+    mark_only_adapters_trainable(tiny_asr, modules_to_save=["ctc.ctc_lo"])
+    budget = training_budget(tiny_asr, modules_to_save=["ctc.ctc_lo"])
+    data = budget.to_dict()
+    assert data["modules_to_save"] == {"patterns": ["ctc.ctc_lo"], "parameters": 16 * 10 + 10}
+    assert data["model_part"] == 0
+    assert data["trainable"] == data["adapter"]["trainable"] + 170
+    assert data["trainable"] == sum(p.numel() for p in tiny_asr.parameters() if p.requires_grad)
+    planned = estimate_budget(copy.deepcopy(tiny_asr), "lora", target_modules=TARGETS, rank=2).to_dict()
+    assert data["adapter"] == planned, "the injected model reports what the plan said"
+    assert "modules_to_save ['ctc.ctc_lo']: 170 parameters" in str(budget)
 
 
 def test_budget_table_without_module_rows_keeps_groups_and_total(tiny_asr):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -293,9 +294,7 @@ def write_scoring_inputs(root: Path) -> tuple[Path, Path]:
         (exp / "decode" / name / test_set).mkdir(parents=True)
         (exp / "decode" / name / test_set / "text").write_text(text)
     (exp / "lora").mkdir()
-    (exp / "lora" / "peft_budget.txt").write_text(
-        "...\ntrainable in all: 1,234 of 5,678 parameters (21.7%)\n"
-    )
+    (exp / "lora" / "peft_budget.json").write_text(json.dumps({"trainable": 1234, "model_parameters": 5678}))
     return data, exp
 
 

@@ -10,6 +10,7 @@ Distributed training of every method is in ``test_round_trip_espnet.py``.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -103,13 +104,18 @@ def test_adapter_training_lowers_the_loss_on_the_new_domain(run: str, request: p
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_budget_table_is_logged_and_written_to_the_experiment(ssvd_o: tuple[Path, str]) -> None:
+def test_budget_is_logged_and_written_to_the_experiment_as_table_and_data(ssvd_o: tuple[Path, str]) -> None:
     exp, log = ssvd_o
-    budget = (exp / "peft_budget.txt").read_text()
-    assert "adapter 'default' (ssvd_o)" in budget
-    assert "encoder.encoders.1.feed_forward.w_2" in budget
-    assert "modules_to_save ['ctc.ctc_lo']" in budget
-    assert budget.splitlines()[1] in log
+    table = (exp / "peft_budget.txt").read_text()
+    assert table.splitlines()[1] in log and "adapter 'default' (ssvd_o)" in table
+    budget = json.loads((exp / "peft_budget.json").read_text())
+    adapter = budget["adapter"]
+    assert adapter["method"] == "ssvd_o"
+    layers = {module["name"]: module for module in adapter["modules"]}
+    assert "encoder.encoders.1.feed_forward.w_2" in layers
+    assert adapter["trainable"] == sum(module["total"] for module in layers.values())
+    assert budget["modules_to_save"] == {"patterns": ["ctc.ctc_lo"], "parameters": 64 * 7 + 7}
+    assert budget["trainable"] == adapter["trainable"] + budget["modules_to_save"]["parameters"]
 
 
 def test_plugin_entry_points_start_without_download_attempts(ssvd_o: tuple[Path, str]) -> None:

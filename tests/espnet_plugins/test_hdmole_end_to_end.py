@@ -12,6 +12,7 @@ reads the integer ids of ``utt2domain_id`` as text_int.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from pathlib import Path
@@ -155,8 +156,9 @@ def test_adapter_only_files_hold_the_router_and_the_budget_counts_it(hdmole: tup
     assert all(
         ".peft_adapters." in key or key.startswith("peft_adapters.") or "fingerprint" in key for key in state
     )
-    budget = (exp / "peft_budget.txt").read_text()
-    assert "domain router peft_adapters.default: 130 parameters" in budget
+    budget = json.loads((exp / "peft_budget.json").read_text())
+    assert budget["model_part"] == 2 * (64 + 1), "the domain router: M (d + 1)"
+    assert budget["trainable"] == budget["adapter"]["trainable"] + budget["model_part"]
 
 
 def test_plugin_inference_decodes_every_utterance(work: Path, hdmole: tuple[Path, str]) -> None:

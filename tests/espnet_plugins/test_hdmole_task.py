@@ -11,6 +11,7 @@ from espnet2.torch_utils.recursive_op import recursive_average
 from espnet_runs import TINY_CONFIG
 from tiny_corpus import TOKENS
 
+from espnet_plugins.extensions import extension_for
 from espnet_plugins.hdmole import LayerStatistics, domain_labels
 from espnet_plugins.options import peft_options
 from espnet_plugins.tasks.asr import PeftASRTask
@@ -90,7 +91,7 @@ def test_validation_reports_routing_statistics_and_sums_them_per_layer(model) ->
         _, second, _ = model(**batch([1, 0]))
     assert {"hdmole_active_experts", "hdmole_routing_entropy", "hdmole_domain_accuracy"} <= set(stats)
     assert stats["hdmole_domain_accuracy"] + second["hdmole_domain_accuracy"] == pytest.approx(1.0)
-    means = model.hdmole_layer_statistics.means()
+    means = extension_for("hdmole").statistics[model].means()
     assert means["domain_accuracy"] == pytest.approx(0.5)
     assert "encoder.encoders.1.feed_forward.w_1.active_experts" in means
 

@@ -188,7 +188,9 @@ def test_entry_points_train_decode_and_export(pretrained: Path, tmp_path: Path) 
     args += s2t_data_args("train", data) + s2t_data_args("valid", data)
     log = run_module("espnet_plugins.bin.s2t_train", args, tmp_path, tmp_path / "train.log")
     assert "2epoch results" in log
-    assert (tmp_path / "exp" / "peft_budget.txt").is_file()
+    assert (tmp_path / "exp" / "peft_budget.txt").is_file() and (
+        tmp_path / "exp" / "peft_budget.json"
+    ).is_file()
     assert (tmp_path / "exp" / "2epoch.pth").stat().st_size < 0.25 * pretrained.stat().st_size
 
     decoding = ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", "--batch_size", "1"]

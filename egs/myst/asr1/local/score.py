@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import sys
 from pathlib import Path
@@ -26,7 +27,6 @@ from text_norm import normalize_words
 BASE = "base"
 SOURCE = "source"
 SPECIAL_TOKEN = re.compile(r"<[^<>\s]*>")
-TRAINABLE_LINE = re.compile(r"trainable in all: ([\d,]+) of")
 
 
 class ScoreError(Exception):
@@ -71,9 +71,9 @@ def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
 
 
 def trainable_parameters(run_dir: Path) -> str:
-    budget = run_dir / "peft_budget.txt"
-    match = TRAINABLE_LINE.search(budget.read_text()) if budget.is_file() else None
-    return match.group(1) if match else "?"
+    """What the run trained, from the plugin's peft_budget.json ("?" without one)."""
+    budget = run_dir / "peft_budget.json"
+    return f"{json.loads(budget.read_text())['trainable']:,}" if budget.is_file() else "?"
 
 
 def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict[str, object]]:

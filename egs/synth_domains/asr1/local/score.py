@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,6 @@ SWEEP_AXES = {
     "split": "SSVD-O outer share of the rotation budget",
     "fewshot": "adaptation utterances",
 }
-TRAINABLE_LINE = re.compile(r"trainable in all: ([\d,]+) of")
 
 
 @dataclass(frozen=True)
@@ -71,12 +69,11 @@ def error_rates(references: dict[str, str], hypotheses: dict[str, str]) -> tuple
 
 
 def trainable_parameters(run_dir: Path, method: str, planned: int) -> int:
-    """The count the plugin logged in peft_budget.txt; for full fine-tuning, the model's size."""
-    budget_file = run_dir / "peft_budget.txt"
+    """What the run trained, from the plugin's peft_budget.json; for full fine-tuning (or a run
+    without one), the planned count."""
+    budget_file = run_dir / "peft_budget.json"
     if method != "full" and budget_file.exists():
-        match = TRAINABLE_LINE.search(budget_file.read_text())
-        if match:
-            return int(match.group(1).replace(",", ""))
+        return int(json.loads(budget_file.read_text())["trainable"])
     return planned
 
 
