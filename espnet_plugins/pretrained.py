@@ -10,6 +10,7 @@ weights are loaded strictly: a base model that is partly random would be adapted
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -75,7 +76,7 @@ def adopt_pretrained_architecture(
     path = pretrained_config_path(options)
     if path is None:
         return
-    pretrained = read_config(path.resolve(), path.stat().st_mtime_ns)
+    pretrained = copy.deepcopy(read_config(path.resolve(), path.stat().st_mtime_ns))
     for key in keys:
         if key not in pretrained:
             continue
@@ -90,7 +91,7 @@ def adopt_pretrained_architecture(
 
 @lru_cache(maxsize=4)
 def read_config(path: Path, _mtime_ns: int) -> dict[str, Any]:
-    """A training config.yaml, read once per process (and again if the file changes)."""
+    """A training config.yaml, read once per process (and again if the file changes); callers copy it."""
     with path.open(encoding="utf-8") as f:
         return yaml.safe_load(f)
 
