@@ -9,6 +9,7 @@ point at 16 kHz audio that is the resampled recording.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -20,6 +21,7 @@ import soundfile
 from espnet2.fileio.sound_scp import SoundScpReader
 from scipy.signal import resample_poly
 
+SCRIPTS = Path(__file__).resolve().parents[2] / "egs" / "common" / "pyscripts"
 RECIPE = Path(__file__).resolve().parents[2] / "egs" / "l2arctic" / "asr1"
 FS = 16000
 SOURCE_FS = 44100
@@ -68,7 +70,9 @@ def write_corpus(root: Path, speakers: list[str]) -> None:
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True)
+    """``command``'s result, the shared scripts importable as the recipe's path.sh makes them."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def data_prep(corpus: Path, data: Path, audio: Path) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ utterances, normalise their text, and point at audio that ESPnet reads back samp
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import soundfile
 from espnet2.fileio.sound_scp import SoundScpReader
 
+SCRIPTS = Path(__file__).resolve().parents[2] / "egs" / "common" / "pyscripts"
 RECIPE = Path(__file__).resolve().parents[2] / "egs" / "myst" / "asr1"
 FS = 16000
 PREFIX = "<eng><asr><notimestamps>"
@@ -85,7 +87,9 @@ def write_corpus(data: Path) -> dict[str, np.ndarray]:
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True)
+    """``command``'s result, the shared scripts importable as the recipe's path.sh makes them."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def read_table(path: Path) -> dict[str, str]:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -26,11 +24,14 @@ import soundfile
 import torch
 import yaml
 from espnet2.tasks.s2t import S2TTask
+from owsm import finetune_config
 
 from espnet_plugins.tasks.s2t import PeftS2TTask
 from ssvd_peft.inject import iter_adapter_layers
 
 EGS = Path(__file__).resolve().parents[2] / "egs"
+SCRIPTS = EGS / "common" / "pyscripts"
+PEFT_CONF = EGS / "common" / "owsm" / "conf" / "peft"
 RECIPES = ("myst", "l2arctic")
 MODELS = ("owsm_v3.1_ebf", "owsm_v3.1_ebf_base")
 METHODS = ("lora", "dora", "pissa", "ssvd", "ssvd_o")
@@ -64,30 +65,18 @@ NLSYMS = "data/nlsyms.txt"
 RUN = "exp/s2t_train_tiny"
 
 
-def load_local(recipe: str, name: str) -> ModuleType:
-    """A recipe's local/<name>.py as a module of its own (recipes share module names)."""
-    path = EGS / recipe / "asr1" / "local" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{recipe}_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
-
-
 def run(command: list[str], env_threads: bool = False) -> subprocess.CompletedProcess[str]:
-    """``command``'s result; with env_threads, its torch runs on one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if env_threads else None
+    """``command``'s result, with the shared scripts importable as path.sh makes them; with
+    env_threads, its torch runs on one thread each."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    if env_threads:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def owsm_model(owsm_dir: Path, out_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    script = EGS / "myst" / "asr1" / "local" / "owsm_model.py"
-    return run(
-        [sys.executable, str(script), "--owsm_dir", str(owsm_dir), "--out_dir", str(out_dir), *options]
-    )
+    command = [sys.executable, "-m", "owsm.model", "--owsm_dir", str(owsm_dir), "--out_dir", str(out_dir)]
+    return run([*command, *options])
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +166,11 @@ def test_stage_2_names_a_missing_statistics_file(owsm_dir: Path, tmp_path: Path)
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("model", MODELS)
 def test_training_options_combine_with_every_peft_block(recipe: str, model: str) -> None:
-    finetune_config = load_local(recipe, "finetune_config")
-    conf = EGS / recipe / "asr1" / "conf"
-    tuning = finetune_config.load_mapping(conf / "tuning" / f"{model}.yaml")
+    tuning_dir = EGS / recipe / "asr1" / "conf" / "tuning"
+    tuning = finetune_config.load_mapping(tuning_dir / f"{model}.yaml")
     for method in METHODS:
-        peft = finetune_config.load_mapping(conf / "peft" / f"{method}.yaml")
-        config = finetune_config.combined(tuning, peft, conf / "tuning", conf / "peft")
+        peft = finetune_config.load_mapping(PEFT_CONF / f"{method}.yaml")
+        config = finetune_config.combined(tuning, peft, tuning_dir, PEFT_CONF)
         assert config["peft"] == method
         assert config["optim"] == "adamw" and config["optim_conf"]["lr"] == 1e-4
         assert config["scheduler"] == "warmuplr" and config["scheduler_conf"] == {"warmup_steps": 1500}
@@ -192,33 +180,30 @@ def test_training_options_combine_with_every_peft_block(recipe: str, model: str)
 
 
 def test_peft_blocks_hold_the_stated_ranks_and_ratios() -> None:
-    blocks = {
-        m: yaml.safe_load((EGS / "myst" / "asr1" / "conf" / "peft" / f"{m}.yaml").read_text())
-        for m in METHODS
-    }
+    blocks = {m: yaml.safe_load((PEFT_CONF / f"{m}.yaml").read_text()) for m in METHODS}
     assert {m: (b["peft_conf"].get("rank"), b["peft_conf"].get("alpha")) for m, b in blocks.items()} == {
         "lora": (32, 64), "dora": (32, 64), "pissa": (32, 32), "ssvd": (None, None), "ssvd_o": (None, None),
     }  # fmt: skip
     assert blocks["ssvd"]["peft_conf"]["k_ratio"] == blocks["ssvd_o"]["peft_conf"]["k_ratio"] == 0.4
     targets = {tuple(b["peft_conf"]["target_modules"]) for b in blocks.values()}
     assert len(targets) == 1
-    l2arctic = EGS / "l2arctic" / "asr1" / "conf" / "peft"
-    assert all(
-        (l2arctic / f"{m}.yaml").read_text()
-        == (EGS / "myst" / "asr1" / "conf" / "peft" / f"{m}.yaml").read_text()
-        for m in METHODS
-    )
+
+
+def test_no_recipe_borrows_another_recipes_files() -> None:
+    """What several recipes use lives in egs/common; a recipe holds no link into another one."""
+    links = [path for path in EGS.rglob("*") if path.is_symlink()]
+    assert links == []
 
 
 def test_a_peft_file_with_training_options_is_refused(tmp_path: Path) -> None:
     tuning = EGS / "myst" / "asr1" / "conf" / "tuning" / "owsm_v3.1_ebf.yaml"
-    script = EGS / "myst" / "asr1" / "local" / "finetune_config.py"
 
     def combine(peft: dict) -> subprocess.CompletedProcess[str]:
         (tmp_path / "peft.yaml").write_text(yaml.safe_dump(peft))
         command = [
             sys.executable,
-            str(script),
+            "-m",
+            "owsm.finetune_config",
             "--tuning",
             str(tuning),
             "--peft",
@@ -239,12 +224,11 @@ def test_each_peft_block_adapts_every_linear_layer_of_encoder_and_decoder(
     method: str, prepared_owsm: Path, tmp_path: Path
 ) -> None:
     torch.set_num_threads(1)
-    finetune_config = load_local("myst", "finetune_config")
-    conf = EGS / "myst" / "asr1" / "conf"
-    tuning = finetune_config.load_mapping(conf / "tuning" / "owsm_v3.1_ebf_base.yaml")
-    peft = finetune_config.load_mapping(conf / "peft" / f"{method}.yaml")
+    tuning_dir = EGS / "myst" / "asr1" / "conf" / "tuning"
+    tuning = finetune_config.load_mapping(tuning_dir / "owsm_v3.1_ebf_base.yaml")
+    peft = finetune_config.load_mapping(PEFT_CONF / f"{method}.yaml")
     (tmp_path / "finetune.yaml").write_text(
-        yaml.safe_dump(finetune_config.combined(tuning, peft, conf, conf))
+        yaml.safe_dump(finetune_config.combined(tuning, peft, tuning_dir, PEFT_CONF))
     )
     options = [
         "--config",
@@ -300,9 +284,10 @@ def write_scoring_inputs(root: Path) -> tuple[Path, Path]:
 
 def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_path: Path) -> None:
     data, exp = write_scoring_inputs(tmp_path)
-    script = EGS / "l2arctic" / "asr1" / "local" / "score.py"
     sets = f"test={data / 'test'} source={data / 'source'}"
-    result = run([sys.executable, str(script), "--exp", str(exp), "--sets", sets, "--names", "base lora"])
+    result = run(
+        [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", sets, "--names", "base lora"]
+    )
     assert result.returncode == 0, result.stderr
     assert "lacks 1 utterances" in result.stderr
     with (exp / "results.csv").open() as f:
@@ -320,11 +305,11 @@ def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_
 
 def test_scoring_names_the_missing_decoding(tmp_path: Path) -> None:
     data, exp = write_scoring_inputs(tmp_path)
-    script = EGS / "myst" / "asr1" / "local" / "score.py"
     result = run(
         [
             sys.executable,
-            str(script),
+            "-m",
+            "owsm.score",
             "--exp",
             str(exp),
             "--sets",

@@ -37,18 +37,10 @@ base_model=""  # default: ${exp}/base/valid.acc.ave.pth (pretrained by stage 7 u
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
-while [ $# -gt 0 ]; do
-    name=${1#--}
-    if [ "${name}" = "$1" ] || [ $# -lt 2 ] || ! declare -p "${name}" >/dev/null 2>&1; then
-        echo "usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M]" >&2
-        exit 1
-    fi
-    printf -v "${name}" '%s' "$2"
-    shift 2
-done
-
+help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M]"
 cd "$(dirname "$0")"
 . ./path.sh
+. "${COMMON_ROOT}/parse_options.sh"
 profile_conf=conf/profiles/${profile}.yaml
 [ -f "${profile_conf}" ] || { echo "no profile ${profile_conf}" >&2; exit 1; }
 data=${data:-data/${profile}}
@@ -56,8 +48,8 @@ synth=${synth:-synth/${profile}}
 exp=${exp:-exp/${profile}}
 # splits: those synthesized (a profile's text_only splits are cut, so the others are drawn as for its base
 # model, but never synthesized: the base was trained on them); profile_base: the profile's base model.
-splits=$(${python} -c 'import sys, yaml; p = yaml.safe_load(open(sys.argv[1])); print(" ".join(s for s in p["splits"] if s not in p.get("text_only", [])))' "${profile_conf}")
-profile_base=$(${python} -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1])).get("base_model", ""))' "${profile_conf}")
+splits=$(${python} -m yaml_get "${profile_conf}" splits --without text_only)
+profile_base=$(${python} -m yaml_get "${profile_conf}" base_model)
 source_splits=$(printf '%s\n' ${splits} | grep '^source_' | tr '\n' ' ')
 user_domains=$(printf '%s\n' ${target_data_dirs} | cut -d= -f1 | tr '\n' ' ')
 
@@ -80,7 +72,7 @@ fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     log "Stage 4: pocketsphinx WER per domain"
-    n=$(${python} -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["pocketsphinx_utts"])' "${profile_conf}")
+    n=$(${python} -m yaml_get "${profile_conf}" pocketsphinx_utts)
     eval_splits="$(printf '%s\n' ${source_splits} | grep '_test$' || true) $(sed 's/$/_test/' "${data}/target_domains.txt" | tr '\n' ' ')"
     ${python} local/pocketsphinx_check.py --data_dir "${data}" --splits "${eval_splits}" --n "${n}" \
         --out_dir "${exp}" --nj "${nj}"
@@ -88,7 +80,8 @@ fi
 
 asr_conf=conf/asr/${profile}
 base_model=${base_model:-${profile_base:-${exp}/base/valid.acc.ave.pth}}
-read -r token_type bpe_size < <(${python} -c 'import sys, yaml; t = yaml.safe_load(open(sys.argv[1]))["tokens"]; print(t["type"], t.get("size", 0))' "${profile_conf}")
+read -r token_type bpe_size < <(${python} -m yaml_get "${profile_conf}" tokens.type tokens.size)
+bpe_size=${bpe_size:-0}
 token_dir=${data}/token_list/${token_type}
 token_list=${token_dir}/tokens.txt
 token_args="--token_type ${token_type} --token_list ${token_list}"
@@ -99,9 +92,9 @@ if [ "${token_type}" = bpe ]; then
 fi
 threads=$(( $(nproc) / nj > 0 ? $(nproc) / nj : 1 ))  # per job when stages 8-9 run ${nj} jobs at once
 if [ ${stop_stage} -ge 8 ]; then
-    [ -n "${methods}" ] || methods=$(${python} -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["default_methods"]))' "${asr_conf}/adapters.yaml")
+    [ -n "${methods}" ] || methods=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_methods)
     [ -n "${domains}" ] || domains=$(tr '\n' ' ' < "${data}/target_domains.txt")
-    [ -n "${sweeps}" ] || sweeps=$(${python} -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1])).get("default_sweeps", [])))' "${asr_conf}/adapters.yaml")
+    [ -n "${sweeps}" ] || sweeps=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_sweeps)
     [ "${sweeps}" != none ] || sweeps=""
 fi
 

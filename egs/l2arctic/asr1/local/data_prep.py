@@ -2,7 +2,7 @@
 """Stage 1: Kaldi-style data dirs of L2-ARCTIC (non-native English, 24 speakers, 6 first languages).
 
     <corpus_dir>/<SPEAKER>/wav/arctic_a0001.wav + <corpus_dir>/<SPEAKER>/transcript/arctic_a0001.txt
-      -> <data_dir>/{adapt,dev,test}/   (files: see data_dir.py; domain = the speaker's L1)
+      -> <data_dir>/{adapt,dev,test}/   (files: owsm/data_dir.py in egs/common/pyscripts; domain = L1)
          <data_dir>/local/dropped_<split>.txt   (utt reason)
          <audio_dir>/<SPEAKER>/<utt>.flac      (16 kHz copies; L2-ARCTIC is recorded at 44.1 kHz)
 
@@ -17,7 +17,7 @@ into --audio_dir as 16-bit FLAC, and wav.scp points at the copy; a recording alr
 used where it is. Copies newer than their source are kept, so a second run only lists them.
 An utterance is dropped when its transcript is missing (``no_transcript``) or has no word
 (``empty``), or its audio cannot be read (``unreadable_audio``). Transcripts become upper case
-without punctuation (text_norm.py).
+without punctuation (scoring.normalize_words, egs/common/pyscripts).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-from data_dir import CorpusError, Dropped, Utterance, summary, write_data_dir, write_dropped
+from owsm.data_dir import CorpusError, Dropped, Utterance, summary, write_data_dir, write_dropped
 from scipy.signal import resample_poly
-from text_norm import normalize_words
+from scoring import normalize_words
 
 FS = 16000
 SPEAKERS = {  # speaker: (first language, gender), from the L2-ARCTIC v5 README

@@ -3,7 +3,7 @@
 
     <corpus_dir>/data/{train,development,test}/<student_id>/<session_id>/<utt>.flac + <utt>.trn
     (or the LDC layout <corpus_dir>/myst_child_conv_speech/data/...)
-      -> <data_dir>/{train,dev,test}/   (files: see data_dir.py; domain "child")
+      -> <data_dir>/{train,dev,test}/   (files: see egs/common/pyscripts/owsm/data_dir.py; domain "child")
          <data_dir>/local/dropped_<split>.txt   (utt reason)
 
 The speaker is the student (MyST's partitions are speaker-disjoint); utterance ids are
@@ -13,7 +13,8 @@ used. An utterance is dropped when its transcript is empty (``empty``), marks lo
 (``only_markup``), or its audio is longer than --max_seconds (``too_long``: OWSM's 30 s window),
 is not 16 kHz (``not_16k``) or cannot be read (``unreadable_audio``).
 
-Markup removed from a transcript before the words are normalised (text_norm.py): unintelligible
+Markup removed from a transcript before the words are normalised (scoring.normalize_words in
+egs/common/pyscripts): unintelligible
 spans ``(( ))`` with or without a guessed word, every other parenthesised note such as ``(*)``,
 tags ``<breath>`` ``<noise>`` ``<side_speech>`` ... and ``[...]`` ``{...}``, and word fragments:
 a token that starts or ends with ``+``, ``~`` or ``-`` (``+um``, ``wh~``, ``mag-``). As in
@@ -28,8 +29,8 @@ import sys
 from pathlib import Path
 
 import soundfile
-from data_dir import CorpusError, Dropped, Utterance, summary, write_data_dir, write_dropped
-from text_norm import normalize_words
+from owsm.data_dir import CorpusError, Dropped, Utterance, summary, write_data_dir, write_dropped
+from scoring import normalize_words
 
 SPLITS = {"train": "train", "development": "dev", "test": "test"}
 LAYOUTS = ("data", "myst_child_conv_speech/data")

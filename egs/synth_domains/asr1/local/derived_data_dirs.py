@@ -16,16 +16,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from kaldi_files import read_table
+
 UTTERANCE_FILES = ("wav.scp", "text", "utt2spk", "utt2domain", "utt2dur", "speech_shape")
-
-
-def read_table(path: Path) -> dict[str, str]:
-    table = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            key, _, value = line.strip().partition(" ")
-            table[key] = value.strip()
-    return table
 
 
 def read_dir(path: Path) -> dict[str, dict[str, str]]:

@@ -41,16 +41,20 @@ from typing import Any
 import yaml
 from runs import SWEEPS, Run, write_runs
 
-from espnet_plugins.modules import build_meta_model
+from espnet_plugins.modules import build_meta_model, stock_task
+from espnet_plugins.pretrained import architecture_keys
 from ssvd_peft.budget import BudgetMatch, BudgetShortfallWarning, equal_budget_configs, estimate_budget
 from ssvd_peft.registry import get_method
 
+# The base's model options a full fine-tuning config copies: those that define the model (the
+# plugin's list, ``architecture_keys``) and the base's own augmentation and preprocessing switches.
 MODEL_KEYS = (
-    "frontend", "frontend_conf", "specaug", "specaug_conf", "normalize", "normalize_conf", "model",
-    "model_conf", "preencoder", "preencoder_conf", "encoder", "encoder_conf", "postencoder",
-    "postencoder_conf", "decoder", "decoder_conf", "ctc_conf", "token_list", "token_type", "bpemodel",
-    "input_size", "init", "use_preprocessor", "non_linguistic_symbols", "cleaner", "g2p",
-)  # fmt: skip
+    *architecture_keys(stock_task("asr").class_choices_list),
+    "specaug",
+    "specaug_conf",
+    "init",
+    "use_preprocessor",
+)
 ALL_DOMAINS = "all"
 
 

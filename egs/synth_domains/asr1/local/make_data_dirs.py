@@ -16,22 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import soundfile as sf
+from kaldi_files import read_table, write_table
 
 ROLES = ("adapt", "dev", "test")
-
-
-def read_table(path: Path) -> dict[str, str]:
-    """A Kaldi key-value file: first field is the key, the rest of the line the value."""
-    table = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, _, value = line.strip().partition(" ")
-            table[key] = value.strip()
-    return table
-
-
-def write_table(path: Path, table: dict[str, str]) -> None:
-    path.write_text("".join(f"{key} {table[key]}\n" for key in sorted(table)))
 
 
 def write_data_dir(

@@ -4,8 +4,9 @@ pocketsphinx (PyPI wheel, its bundled en-us acoustic model, language model and d
 every k-th utterance of data/<split> (n per split, spread over the sorted ids so every voice appears);
 a split whose hypothesis file holds exactly those utterances and is newer than their wavs is not
 decoded again.
-WER = (substitutions + deletions + insertions) / reference words, from a word-level Levenshtein
-alignment. Writes <out_dir>/pocketsphinx/<split>.hyp and the table <out_dir>/pocketsphinx_wer.md.
+WER = (substitutions + deletions + insertions) / reference words, by the recipes' one scorer
+(``scoring.error_rates``, egs/common/pyscripts: the same normalisation on both sides). Writes
+<out_dir>/pocketsphinx/<split>.hyp and the table <out_dir>/pocketsphinx_wer.md.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-import editdistance
 import numpy as np
 import soundfile as sf
+from kaldi_files import read_table
+from scoring import error_rates
 
 DECODER = None
 
@@ -39,19 +41,9 @@ def decode(path: str) -> str:
     return hyp.hypstr if hyp else ""
 
 
-def read_table(path: Path) -> dict[str, str]:
-    return {k: v for k, _, v in (line.partition(" ") for line in path.read_text().splitlines() if line)}
-
-
 def sample(utts: list[str], n: int) -> list[str]:
     """n utterances evenly spread over the sorted ids (so over the voices), or all when there are fewer."""
     return [utts[i * len(utts) // n] for i in range(n)] if n < len(utts) else utts
-
-
-def score(refs: list[str], hyps: list[str]) -> tuple[int, int]:
-    """(errors, reference words) summed over utterances."""
-    errors = sum(editdistance.eval(r.split(), h.split()) for r, h in zip(refs, hyps, strict=True))
-    return errors, sum(len(r.split()) for r in refs)
 
 
 def wav_path(entry: str) -> str:
@@ -86,16 +78,15 @@ def main() -> None:
             else:
                 hyps = pool.map(decode, paths)
                 hyp_file.write_text("".join(f"{u} {h}\n" for u, h in zip(utts, hyps, strict=True)))
-            errors, words = score([text[u] for u in utts], hyps)
-            lines.append(
-                f"| {split} | {domain[utts[0]]} | {len(utts)} | {words} | {100 * errors / words:.1f} |"
-            )
+            hyp_table = dict(zip(utts, hyps, strict=True))
+            wer, _ = error_rates(text, hyp_table, utts)
+            lines.append(f"| {split} | {domain[utts[0]]} | {len(utts)} | {wer.length} | {wer.percent:.1f} |")
             by_voice = defaultdict(list)
-            for u, h in zip(utts, hyps, strict=True):
-                by_voice[utt2spk[u]].append((text[u], h))
-            for voice, pairs in sorted(by_voice.items()):
-                e, w = score(*map(list, zip(*pairs, strict=True)))
-                per_voice_lines.append(f"| {split} | {voice} | {len(pairs)} | {100 * e / w:.1f} |")
+            for u in utts:
+                by_voice[utt2spk[u]].append(u)
+            for voice, voice_utts in sorted(by_voice.items()):
+                voice_wer, _ = error_rates(text, hyp_table, voice_utts)
+                per_voice_lines.append(f"| {split} | {voice} | {len(voice_utts)} | {voice_wer.percent:.1f} |")
             print(lines[-1], flush=True)
     report = [
         "# pocketsphinx WER per domain (independent recognizer, bundled en-us model)",

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import editdistance
+from kaldi_files import read_table
 from runs import SWEEPS, Run, read_runs
+from scoring import ErrorRate, error_rates
 
 BASE = "base"
 FULL = "full"
@@ -41,39 +41,12 @@ SWEEP_AXES = {
 }
 
 
-@dataclass(frozen=True)
-class ErrorRate:
-    errors: int
-    length: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.errors / max(self.length, 1)
-
-
-def read_text(path: Path) -> dict[str, str]:
-    rows = (line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return {row[0]: row[1].strip() if len(row) > 1 else "" for row in rows}
-
-
-def error_rates(references: dict[str, str], hypotheses: dict[str, str]) -> tuple[ErrorRate, ErrorRate]:
-    """(WER, CER) of ``hypotheses`` on every utterance of ``references`` (a missing one is empty)."""
-    word_errors = word_count = char_errors = char_count = 0
-    for utt, reference in references.items():
-        hypothesis = hypotheses.get(utt, "")
-        word_errors += editdistance.eval(reference.split(), hypothesis.split())
-        word_count += len(reference.split())
-        char_errors += editdistance.eval(reference, hypothesis)
-        char_count += len(reference)
-    return ErrorRate(word_errors, word_count), ErrorRate(char_errors, char_count)
-
-
 def trainable_parameters(run_dir: Path, method: str, planned: int) -> int:
     """What the run trained, from the plugin's peft_budget.json; for full fine-tuning (or a run
     without one), the planned count."""
     budget_file = run_dir / "peft_budget.json"
     if method != "full" and budget_file.exists():
-        return int(json.loads(budget_file.read_text())["trainable"])
+        return int(json.loads(budget_file.read_table())["trainable"])
     return planned
 
 
@@ -82,20 +55,20 @@ class Scorer:
 
     def __init__(self, data: Path, exp: Path) -> None:
         self.data, self.exp = data, exp
-        self.source_refs = read_text(data / "source_test" / "text")
-        self.base_hyps = read_text(exp / "decode" / BASE / "1best_recog" / "text")
+        self.source_refs = read_table(data / "source_test" / "text")
+        self.base_hyps = read_table(exp / "decode" / BASE / "1best_recog" / "text")
         self.base_source = error_rates(self.source_refs, self.base_hyps)
-        self.planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
+        self.planned = json.loads((exp / "finetune_conf" / "trainable.json").read_table())
 
     def base_row(self, domain: str) -> dict[str, object]:
         target = error_rates(self.targets(domain), self.base_hyps)
         return row(domain, BASE, 0, target, self.base_source, self.base_source, None)
 
     def targets(self, domain: str) -> dict[str, str]:
-        return read_text(self.data / f"{domain}_test" / "text")
+        return read_table(self.data / f"{domain}_test" / "text")
 
     def run_row(self, run: Run, domain: str) -> dict[str, object]:
-        hyps = read_text(self.exp / "decode" / run.name / "1best_recog" / "text")
+        hyps = read_table(self.exp / "decode" / run.name / "1best_recog" / "text")
         run_dir = self.exp / run.name
         return row(
             domain,
@@ -104,7 +77,7 @@ class Scorer:
             error_rates(self.targets(domain), hyps),
             error_rates(self.source_refs, hyps),
             self.base_source,
-            json.loads((run_dir / "train_stats.json").read_text()),
+            json.loads((run_dir / "train_stats.json").read_table()),
         )
 
 
@@ -130,7 +103,7 @@ def sweep_rows(scorer: Scorer, runs: list[Run], main_settings: dict[str, str]) -
         for run in [*main, *swept]:
             value = run.value if run.sweep == sweep else main_settings.get(sweep, "")
             if sweep == "fewshot" and run.sweep == "main":
-                value = str(len(read_text(Path(run.train) / "text")))
+                value = str(len(read_table(Path(run.train) / "text")))
             rows.append({"sweep": sweep, "value": value, **scorer.run_row(run, run.tests[0])})
     return rows
 
@@ -256,14 +229,14 @@ def main() -> None:
     (args.exp / "results.md").write_text(table)
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
     print(table)
-    main_settings = json.loads((args.runs.parent / "main_settings.json").read_text())
+    main_settings = json.loads((args.runs.parent / "main_settings.json").read_table())
     swept = sweep_rows(scorer, runs, main_settings)
     fill_gain_shares(swept, rows)
     if swept:
         write_csv(swept, SWEEP_COLUMNS, args.exp / "sweeps.csv")
         (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}", args.base_model))
         plot_sweeps(swept, args.exp / "sweeps.png")
-        print((args.exp / "sweeps.md").read_text())
+        print((args.exp / "sweeps.md").read_table())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Parameter-efficient fine-tuning of a pretrained OWSM model on one corpus, one run per PEFT method.
-# Shared by the recipes egs/myst/asr1 and egs/l2arctic/asr1; each one's run.sh names its data sets.
+# Shared by the recipes egs/myst/asr1 and egs/l2arctic/asr1: each one's run.sh runs it from the
+# recipe's directory (its path.sh, local/data_prep.py and conf/tuning/) and names its data sets.
+# The peft blocks (conf/peft/<method>.yaml) and decoding options are this folder's, unless given.
 #   stage 1  data prep   the corpus -> ${data}/<set>/ (Kaldi-style, OWSM text prefix)    local/data_prep.py
 #   stage 2  OWSM model  its config with absolute paths, token list, model link -> ${exp}/owsm/
 #   stage 3  fine-tune   each method on ${train_set}, ${valid_set} validates          -> ${exp}/<method>/
@@ -15,7 +17,9 @@ stop_stage=5
 corpus_dir=""        # stage 1: the corpus root
 owsm_dir=""          # stage 2: the downloaded OWSM model directory
 model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf or owsm_v3.1_ebf_base
-methods="lora dora pissa ssvd ssvd_o"   # conf/peft/<method>.yaml each
+methods="lora dora pissa ssvd ssvd_o"   # ${peft_conf_dir}/<method>.yaml each
+peft_conf_dir=""     # default: egs/common/owsm/conf/peft
+decode_config=""     # default: egs/common/owsm/conf/decode.yaml
 ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1)
 inference_ngpu=1     # GPUs per decoding job
 inference_nj=1       # decoding jobs per model and test set, run at once
@@ -32,37 +36,22 @@ python=""            # default: the project's .venv (path.sh)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
-usage() {
-    cat <<EOF
-usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
+help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
           [--methods "lora dora pissa ssvd ssvd_o"] [--ngpu N] [--inference_ngpu N] [--inference_nj N]
           [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
-          [--data D] [--exp E] [--python P]
-EOF
-}
+          [--peft_conf_dir DIR] [--decode_config FILE] [--data D] [--exp E] [--python P]'
 
-while [ $# -gt 0 ]; do
-    name=${1#--}
-    if [ "$1" = --help ] || [ "$1" = -h ]; then usage; exit 0; fi
-    if [ "${name}" = "$1" ] || [ $# -lt 2 ] || ! declare -p "${name}" >/dev/null 2>&1 \
-        || [ "${name}" = name ]; then
-        echo "$(basename "$0"): error: unknown option or missing value: $1" >&2
-        usage >&2
-        exit 1
-    fi
-    printf -v "${name}" '%s' "$2"
-    shift 2
-done
-
-cd "$(dirname "$0")"
 . ./path.sh
+. "${COMMON_ROOT}/parse_options.sh"
+peft_conf_dir=${peft_conf_dir:-${COMMON_ROOT}/owsm/conf/peft}
+decode_config=${decode_config:-${COMMON_ROOT}/owsm/conf/decode.yaml}
 exp=${exp:-exp/${model}}
 owsm=${exp}/owsm
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are set by the recipe's run.sh"
 [ -f "conf/tuning/${model}.yaml" ] || die "no training options conf/tuning/${model}.yaml for --model ${model}"
 for method in ${methods}; do
-    [ -f "conf/peft/${method}.yaml" ] || die "no peft block conf/peft/${method}.yaml for method ${method}"
+    [ -f "${peft_conf_dir}/${method}.yaml" ] || die "no peft block ${peft_conf_dir}/${method}.yaml for method ${method}"
 done
 
 # s2t_data_args PREFIX DATA_DIR: ESPnet's S2T inputs (speech, target, prompt, CTC target) and shape file.
@@ -91,7 +80,7 @@ fi
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     [ -n "${owsm_dir}" ] || die "stage 2 needs --owsm_dir (the downloaded OWSM model directory)"
     log "Stage 2: OWSM model ${owsm_dir} -> ${owsm}"
-    ${python} local/owsm_model.py --owsm_dir "${owsm_dir}" --out_dir "${owsm}"
+    ${python} -m owsm.model --owsm_dir "${owsm_dir}" --out_dir "${owsm}"
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 3 ]; then
@@ -107,8 +96,8 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
             log "Stage 3: ${method} done (${dir}/valid.acc.ave.pth), skipped"
             continue
         fi
-        ${python} local/finetune_config.py --tuning "conf/tuning/${model}.yaml" \
-            --peft "conf/peft/${method}.yaml" --out "${exp}/conf/${method}.yaml"
+        ${python} -m owsm.finetune_config --tuning "conf/tuning/${model}.yaml" \
+            --peft "${peft_conf_dir}/${method}.yaml" --out "${exp}/conf/${method}.yaml"
         log "Stage 3: fine-tune ${method} on ${data}/${train_set} -> ${dir} (log ${dir}/train.log)"
         run_logged "${dir}/train.log" ${python} -m espnet_plugins.bin.s2t_train \
             --config "${exp}/conf/${method}.yaml" --peft_pretrained "${owsm}/model.pth" \
@@ -146,7 +135,7 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
             cut -d' ' -f1 "${test_dirs[${set}]}/wav.scp" | split -n "r/${nj}" -d -a 3 - "${out}/split/keys."
             for keys in "${out}"/split/keys.*; do
                 job=${keys##*.}
-                run_logged "${out}/split/${job}/decode.log" ${python} -m "${module}" --config conf/decode.yaml \
+                run_logged "${out}/split/${job}/decode.log" ${python} -m "${module}" --config "${decode_config}" \
                     --s2t_train_config "${config}" --s2t_model_file "${model_file}" \
                     --data_path_and_name_and_type "${test_dirs[${set}]}/wav.scp,speech,sound" \
                     --key_file "${keys}" --output_dir "${out}/split/${job}" --ngpu "${inference_ngpu}" \
@@ -173,7 +162,7 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
     sets=""
     for set in ${set_names}; do sets+="${set}=${test_dirs[${set}]} "; done
     log "Stage 5: WER -> ${exp}/results.md, ${exp}/results.csv"
-    ${python} local/score.py --exp "${exp}" --sets "${sets}" --names "base ${methods}"
+    ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

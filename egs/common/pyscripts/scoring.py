@@ -1,19 +1,26 @@
-"""Word-level text normalisation shared by references and hypotheses.
+"""The one scorer of every recipe: word and character error rates after one text normalisation.
 
-    "X-ray's 2nd test, 3.5 cm & more!"  ->  "X RAY'S SECOND TEST THREE POINT FIVE CM AND MORE"
+    normalize_words("X-ray's 2nd test, 3.5 cm & more!")
+        -> "X RAY'S SECOND TEST THREE POINT FIVE CM AND MORE"
 
-Rules, in order: curly quotes become straight ones; ``&`` becomes AND; hyphens, slashes and
+Normalisation, in order: curly quotes become straight ones; ``&`` becomes AND; hyphens, slashes and
 underscores between words become spaces; numbers are spelled out (integers as cardinals; 1st 2nd
 3rd 4th as ordinals; 1,000 as one number; a decimal point as POINT followed by each digit; % as
 PERCENT); every character other than a letter, a digit or an apostrophe inside a word is removed;
-upper case; single spaces.
-The reference transcripts (after the corpus's own markup is removed) and the recognizer's output go
-through the same function, so punctuation, case and number format never count as errors.
+upper case; single spaces. References and hypotheses go through the same function, so
+punctuation, case and number format never count as errors.
+
+WER = (substitutions + deletions + insertions) / reference words, from a word-level Levenshtein
+alignment (editdistance, an ESPnet dependency); CER the same over characters (spaces included) of
+the normalised texts. A missing hypothesis counts as empty.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+import editdistance
 
 ONES = (
     "ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE", "TEN", "ELEVEN",
@@ -80,3 +87,30 @@ def normalize_words(text: str) -> str:
     text = NOT_WORD.sub(" ", text.upper())
     text = EDGE_APOSTROPHES.sub(" ", text)
     return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class ErrorRate:
+    """Errors over reference length (words or characters)."""
+
+    errors: int
+    length: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.errors / max(self.length, 1)
+
+
+def error_rates(
+    references: dict[str, str], hypotheses: dict[str, str], utts: list[str] | None = None
+) -> tuple[ErrorRate, ErrorRate]:
+    """(WER, CER) of ``hypotheses`` on ``utts`` (default: every reference), both sides normalised."""
+    word_errors = word_count = char_errors = char_count = 0
+    for utt in references if utts is None else utts:
+        reference = normalize_words(references[utt])
+        hypothesis = normalize_words(hypotheses.get(utt, ""))
+        word_errors += editdistance.eval(reference.split(), hypothesis.split())
+        word_count += len(reference.split())
+        char_errors += editdistance.eval(reference, hypothesis)
+        char_count += len(reference)
+    return ErrorRate(word_errors, word_count), ErrorRate(char_errors, char_count)

@@ -4,11 +4,12 @@
     WER = (S + D + I) / N, summed over the utterances of a test set (word-level Levenshtein)
 
 References are the data dir's ``text.ctc`` (``text`` without its special tokens when there is no
-``text.ctc``); hypotheses are ``<exp>/decode/<name>/<set>/text``. Both go through text_norm.py,
-so case, punctuation and number format never count. A test set whose ``utt2domain`` holds more
-than one domain (L2-ARCTIC: the speakers' first languages) also gets one WER per domain. With a
+``text.ctc``); hypotheses are ``<exp>/decode/<name>/<set>/text``. Both go through the recipes'
+one normalisation (``scoring.normalize_words``), so case, punctuation and number format never
+count. A test set whose ``utt2domain`` holds more than one domain (L2-ARCTIC: the speakers' first
+languages) also gets one WER per domain. With a
 set named ``source`` (speech of the kind the base model was trained on), ``forgetting`` is the
-source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.txt``
+source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.json``
 of each run. Writes ``<exp>/results.md`` and ``<exp>/results.csv``.
 """
 
@@ -21,8 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-import editdistance
-from text_norm import normalize_words
+from kaldi_files import read_table
+from scoring import error_rates
 
 BASE = "base"
 SOURCE = "source"
@@ -33,29 +34,15 @@ class ScoreError(Exception):
     """Missing inputs; the message names the file and the stage that writes it."""
 
 
-def read_text(path: Path) -> dict[str, str]:
-    rows = (line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
-
-
 def references(data_dir: Path) -> dict[str, str]:
     ctc = data_dir / "text.ctc"
-    texts = read_text(ctc if ctc.is_file() else data_dir / "text")
-    return {utt: normalize_words(SPECIAL_TOKEN.sub(" ", text)) for utt, text in texts.items()}
+    texts = read_table(ctc if ctc.is_file() else data_dir / "text")
+    return {utt: SPECIAL_TOKEN.sub(" ", text) for utt, text in texts.items()}
 
 
-def word_errors(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> tuple[int, int]:
-    """(errors, reference words) over ``utts``; a missing hypothesis counts as empty."""
-    errors = words = 0
-    for utt in utts:
-        reference = refs[utt].split()
-        errors += editdistance.eval(reference, normalize_words(hyps.get(utt, "")).split())
-        words += len(reference)
-    return errors, words
-
-
-def percent(errors: int, words: int) -> float:
-    return round(100.0 * errors / max(words, 1), 2)
+def wer(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> float:
+    """WER in percent over ``utts``, to two decimals."""
+    return round(error_rates(refs, hyps, utts)[0].percent, 2)
 
 
 def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
@@ -63,7 +50,7 @@ def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
     path = data_dir / "utt2domain"
     if not path.is_file():
         return {}
-    domain = read_text(path)
+    domain = read_table(path)
     groups: dict[str, list[str]] = {}
     for utt in utts:
         groups.setdefault(domain.get(utt, "?"), []).append(utt)
@@ -86,14 +73,14 @@ def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict
             hyp_file = exp / "decode" / name / set_name / "text"
             if not hyp_file.is_file():
                 raise ScoreError(f"no hypotheses {hyp_file}: run the decoding stage for {name}")
-            hyps = read_text(hyp_file)
+            hyps = read_table(hyp_file)
             missing = len(set(refs) - set(hyps))
             if missing:
                 print(f"score.py: warning: {hyp_file} lacks {missing} utterances (empty)", file=sys.stderr)
             utts = sorted(refs)
-            row[f"{set_name} WER"] = percent(*word_errors(refs, hyps, utts))
+            row[f"{set_name} WER"] = wer(refs, hyps, utts)
             for domain, domain_utts in domains_of(data_dir, utts).items():
-                row[f"{set_name} {domain}"] = percent(*word_errors(refs, hyps, domain_utts))
+                row[f"{set_name} {domain}"] = wer(refs, hyps, domain_utts)
         rows.append(row)
     base = next((row for row in rows if row["model"] == BASE), None)
     if SOURCE in sets and base is not None:

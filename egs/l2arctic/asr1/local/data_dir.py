@@ -1,1 +1,0 @@
-../../../myst/asr1/local/data_dir.py

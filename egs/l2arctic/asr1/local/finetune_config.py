@@ -1,1 +1,0 @@
-../../../myst/asr1/local/finetune_config.py

@@ -1,1 +1,0 @@
-../../../myst/asr1/local/text_norm.py

@@ -1,1 +1,0 @@
-../../myst/asr1/s2t_peft.sh
