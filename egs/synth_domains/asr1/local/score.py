@@ -46,7 +46,7 @@ def trainable_parameters(run_dir: Path, method: str, planned: int) -> int:
     without one), the planned count."""
     budget_file = run_dir / "peft_budget.json"
     if method != "full" and budget_file.exists():
-        return int(json.loads(budget_file.read_table())["trainable"])
+        return int(json.loads(budget_file.read_text())["trainable"])
     return planned
 
 
@@ -58,7 +58,7 @@ class Scorer:
         self.source_refs = read_table(data / "source_test" / "text")
         self.base_hyps = read_table(exp / "decode" / BASE / "1best_recog" / "text")
         self.base_source = error_rates(self.source_refs, self.base_hyps)
-        self.planned = json.loads((exp / "finetune_conf" / "trainable.json").read_table())
+        self.planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
 
     def base_row(self, domain: str) -> dict[str, object]:
         target = error_rates(self.targets(domain), self.base_hyps)
@@ -77,7 +77,7 @@ class Scorer:
             error_rates(self.targets(domain), hyps),
             error_rates(self.source_refs, hyps),
             self.base_source,
-            json.loads((run_dir / "train_stats.json").read_table()),
+            json.loads((run_dir / "train_stats.json").read_text()),
         )
 
 
@@ -229,14 +229,14 @@ def main() -> None:
     (args.exp / "results.md").write_text(table)
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
     print(table)
-    main_settings = json.loads((args.runs.parent / "main_settings.json").read_table())
+    main_settings = json.loads((args.runs.parent / "main_settings.json").read_text())
     swept = sweep_rows(scorer, runs, main_settings)
     fill_gain_shares(swept, rows)
     if swept:
         write_csv(swept, SWEEP_COLUMNS, args.exp / "sweeps.csv")
         (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}", args.base_model))
         plot_sweeps(swept, args.exp / "sweeps.png")
-        print((args.exp / "sweeps.md").read_table())
+        print((args.exp / "sweeps.md").read_text())
 
 
 if __name__ == "__main__":
