@@ -87,6 +87,17 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def without_empty_leftovers(state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``state`` without empty tensors the model does not have: files written before version 2
+    (0a51e59) stored SSVD rotations of size 0 as empty parameters, which no model registers now."""
+    known = state_tensors(model)
+    return {
+        key: value
+        for key, value in state.items()
+        if key in known or not (isinstance(value, torch.Tensor) and value.numel() == 0)
+    }
+
+
 def split_fingerprints(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(the state without fingerprints, {layer name: fingerprint})."""
     suffix = f".{FINGERPRINT}"
@@ -140,7 +151,7 @@ def check_adapter_entries(
     """Refuse, without changing ``model``, an adapter-only (or full) state dict that lacks entries of
     adapter ``adapter_name`` (of any adapter if None), has entries the model does not, or entries of
     other shapes (the message ends with ``fix``), or was trained on another base model."""
-    state, fingerprints = split_fingerprints(state)
+    state, fingerprints = split_fingerprints(without_empty_leftovers(state, model))
     if fingerprints:
         check_base_model(model, fingerprints, source)
     expected = state_tensors(model)
@@ -170,4 +181,4 @@ def load_adapter_entries(
     """Check (``check_adapter_entries``) and load an adapter-only (or full) state dict into ``model``,
     which has its base weights and adapters."""
     check_adapter_entries(model, state, modules_to_save, source, adapter_name=adapter_name)
-    model.load_state_dict(split_fingerprints(state)[0], strict=False)
+    model.load_state_dict(split_fingerprints(without_empty_leftovers(state, model))[0], strict=False)

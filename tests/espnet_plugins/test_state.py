@@ -86,3 +86,19 @@ def test_fingerprints_survive_a_dtype_cast_of_the_model(tiny_asr) -> None:
     model = adapted(tiny_asr).to(torch.bfloat16)
     assert all(layer.base_fingerprint.dtype == torch.float64 for _, layer in iter_adapter_layers(model))
     load_adapter_entries(adapted(base, init_weights=True), model.state_dict(), ["ctc.ctc_lo"], "adapter.pth")
+
+
+def test_an_adapter_only_file_of_0a51e59_with_empty_rotations_still_loads(tiny_asr, asr_inputs) -> None:
+    """Before format 2, plain SSVD stored its unused outer rotation as an empty parameter."""
+    base = copy.deepcopy(tiny_asr)
+    inject_adapters(tiny_asr, "ssvd", target_modules=TARGETS, k_ratio=0.5, init_weights=False)
+    keep_adapter_entries(tiny_asr, [])
+    state = tiny_asr.state_dict()
+    old = {**state}
+    for key in state:
+        if key.endswith(".ssvd_shift"):
+            old[key.replace("ssvd_shift", "ssvd_outer")] = torch.zeros(0)
+    assert len(old) > len(state)
+    inject_adapters(base, "ssvd", target_modules=TARGETS, k_ratio=0.5)
+    load_adapter_entries(base, old, [], "old.pth")
+    torch.testing.assert_close(base(*asr_inputs), tiny_asr(*asr_inputs))
