@@ -108,7 +108,7 @@ def test_svd_adapters_factorise_the_loaded_pretrained_weights(adapted, pretraine
     base = torch.load(pretrained, map_location="cpu")
     for name, layer in iter_adapter_layers(adapted):
         adapter = layer.peft_adapters["default"]
-        expected = torch.linalg.svdvals(base[f"{name}.weight"].double())[: adapter.dims.k]
+        expected = torch.linalg.svdvals(base[f"{name}.weight"].double())[: adapter.k]
         torch.testing.assert_close(adapter.singular_values.double(), expected, rtol=1e-5, atol=1e-6)
 
 
