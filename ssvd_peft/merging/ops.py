@@ -1,0 +1,82 @@
+"""Tensor operations the merge methods share: precision, task vectors, sparsifiers, sign election,
+polar factors."""
+
+from __future__ import annotations
+
+import torch
+
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def working_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, else float32: merges never compute in half precision."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def task_vectors(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """tau_t = theta_t - theta_0, in the working dtype."""
+    dtype = working_dtype(base)
+    zero = base.to(dtype)
+    return [tensor.to(dtype) - zero for tensor in tensors]
+
+
+def normalised_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
+    """w_t / sum_t w_t as a tensor of the dtype and device of ``like``."""
+    w = torch.tensor(weights, dtype=like.dtype, device=like.device)
+    return w / w.sum()
+
+
+def dare(tau: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al., 2024, arXiv 2311.03099): keep each entry with probability 1 - p and divide the
+    kept ones by 1 - p, so the expectation is tau. ``generator`` makes it reproducible."""
+    if drop <= 0.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator, dtype=tau.dtype, device="cpu") >= drop
+    return torch.where(keep.to(tau.device), tau / (1.0 - drop), torch.zeros_like(tau))
+
+
+def trim_to_top(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """tau with all but its top ``density`` fraction of entries (by magnitude) set to 0."""
+    if density >= 1.0:
+        return tau
+    count = round(density * tau.numel())
+    if count <= 0:
+        return torch.zeros_like(tau)
+    threshold = tau.abs().flatten().kthvalue(tau.numel() - count + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def elected_sign(taus: list[torch.Tensor]) -> torch.Tensor:
+    """gamma = sign(sum_t tau_t) per entry; an entry whose sum is 0 takes the sign of the tensor's
+    total (+1 if that is 0 too)."""
+    total = torch.stack(taus).sum(0)
+    overall = 1.0 if float(total.sum()) >= 0 else -1.0
+    sign = total.sign()
+    return torch.where(sign == 0, torch.full_like(sign, overall), sign)
+
+
+def polar_factor(matrix: torch.Tensor, method: str = "svd", steps: int = 5) -> torch.Tensor:
+    """The orthogonal polar factor P Q^T of P S Q^T = matrix (the nearest matrix with orthonormal
+    columns or rows), by ``svd``, or by ``newton_schulz``: X = G / ||G||_F, then ``steps`` times
+    X <- a X + (b A + c A^2) X with A = X X^T, (a, b, c) = (3.4445, -4.7750, 2.0315), on the wide
+    orientation (tall inputs are transposed first); the result has singular values in a band around 1."""
+    if method == "svd":
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u @ vh
+    if method != "newton_schulz":
+        raise ValueError(f"unknown polar factor method {method!r}; choose svd or newton_schulz")
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = (matrix.T if tall else matrix).to(torch.float32)
+    x = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.to(matrix.dtype)
+    return x.T if tall else x
+
+
+def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> / (||a|| ||b||) of the flattened tensors (0 if either is 0)."""
+    norms = a.norm() * b.norm()
+    return float((a.flatten() @ b.flatten()) / norms) if float(norms) > 0 else 0.0

@@ -1,0 +1,159 @@
+"""Merges through the singular vectors of 2-D task vectors: isotropic spectra (Iso-C, Iso-CTS),
+task singular vectors (TSV-M, BoostedTSV-M), and KnOTS's shared basis for low-rank deltas.
+Only 2-D weights reach these functions (the tensor rules give every other tensor the mean of its
+task vectors). Every result is theta_0 + scaling * tau."""
+
+from __future__ import annotations
+
+import torch
+
+from ssvd_peft.merging.ops import elected_sign, polar_factor, task_vectors, trim_to_top
+from ssvd_peft.merging.registry import merge_method
+
+POLAR_METHODS = ("svd", "newton_schulz")
+
+
+def weighted_task_vectors(
+    base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]
+) -> list[torch.Tensor]:
+    return [w * tau for w, tau in zip(weights, task_vectors(base, tensors), strict=True)]
+
+
+@merge_method("iso_c", knobs={"scaling": 1.0}, subspace=True)
+def iso_c(
+    base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, scaling: float, **_: object
+) -> torch.Tensor:
+    """Iso-C (Marczak et al., 2025, arXiv 2502.04959): D = sum_t w_t tau_t = U diag(s) Vh;
+    tau = mean(s) U Vh, the same directions with a flat spectrum."""
+    total = torch.stack(weighted_task_vectors(base, tensors, weights)).sum(0)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return base.to(total.dtype) + scaling * s.mean() * (u @ vh)
+
+
+@merge_method("iso_cts", knobs={"scaling": 1.0, "common_fraction": 0.8}, subspace=True)
+def iso_cts(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    *,
+    scaling: float,
+    common_fraction: float,
+    **_: object,
+) -> torch.Tensor:
+    """Iso-CTS (Marczak et al., 2025): with r = min(out, in) and T tasks, k_c = round(r f) lowered until
+    T divides r - k_c, d = (r - k_c) / T. The common subspace is the top k_c of SVD(sum_t w_t tau_t);
+    each task adds the top d triplets of its residual R_t = tau_t - U_c U_c^T tau_t. The stacked
+    [U_1 .. U_T, U_c] and [Vh_1; ..; Vh_T; Vh_c] are orthogonalised (polar factor) and every singular
+    value set to the mean of the kept ones."""
+    taus = weighted_task_vectors(base, tensors, weights)
+    count, rank = len(taus), min(taus[0].shape)
+    common = min(rank, round(rank * common_fraction))
+    while (rank - common) % count:
+        common -= 1
+    per_task = (rank - common) // count
+    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
+    us, vhs, values = [u[:, :common]], [vh[:common]], [s[:common]]
+    for tau in taus:
+        residual = tau - us[0] @ (us[0].T @ tau)
+        ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
+        us.insert(-1, ru[:, :per_task])
+        vhs.insert(-1, rvh[:per_task])
+        values.insert(-1, rs[:per_task])
+    left = polar_factor(torch.cat(us, dim=1))
+    right = polar_factor(torch.cat(vhs, dim=0))
+    merged = torch.cat(values).mean() * (left @ right)
+    return base.to(merged.dtype) + scaling * merged
+
+
+def task_singular_vectors(
+    taus: list[torch.Tensor], keep: float | None, boost: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top k = floor(r keep) triplets of every tau_t (keep default 1 / T), side by side:
+    (U stack: out x Tk, s stack: Tk, Vh stack: Tk x in); with ``boost`` beta < 1 each task's kept
+    values are floored at s_{j*}, j* the first index whose cumulative energy reaches beta."""
+    rank = min(taus[0].shape)
+    k = max(1, int(rank * (keep if keep is not None else 1.0 / len(taus))))
+    us, values, vhs = [], [], []
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        if boost is not None and boost < 1.0:
+            energy = torch.cumsum(s.pow(2), 0) / s.pow(2).sum().clamp_min(torch.finfo(s.dtype).tiny)
+            first = int(torch.searchsorted(energy, torch.tensor(boost, dtype=s.dtype)))
+            s = torch.maximum(s, s[min(first, len(s) - 1)])
+        us.append(u[:, :k])
+        values.append(s[:k])
+        vhs.append(vh[:k])
+    return torch.cat(us, dim=1), torch.cat(values), torch.cat(vhs, dim=0)
+
+
+def tsv_merge(taus: list[torch.Tensor], keep: float | None, boost: float | None, polar: str) -> torch.Tensor:
+    if polar not in POLAR_METHODS:
+        raise ValueError(f"polar must be one of {', '.join(POLAR_METHODS)}; got {polar!r}")
+    u, s, vh = task_singular_vectors(taus, keep, boost)
+    return polar_factor(u, polar) @ torch.diag(s) @ polar_factor(vh, polar)
+
+
+@merge_method("tsv_m", knobs={"scaling": 1.0, "keep": None, "polar": "svd"}, subspace=True)
+def tsv_m(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    *,
+    scaling: float,
+    keep: float | None,
+    polar: str,
+    **_: object,
+) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., 2025, arXiv 2412.00081): keep the top floor(r keep) triplets of each
+    SVD(w_t tau_t) (``keep`` default 1 / T), stack the U's as columns, the s's, the Vh's as rows;
+    tau = polar(U stack) diag(s stack) polar(Vh stack), the polar factor by ``svd`` or
+    ``newton_schulz`` (the seed paper's stable variant)."""
+    taus = weighted_task_vectors(base, tensors, weights)
+    return base.to(taus[0].dtype) + scaling * tsv_merge(taus, keep, None, polar)
+
+
+@merge_method(
+    "boosted_tsv_m", knobs={"scaling": 1.0, "keep": None, "polar": "svd", "beta": 0.3}, subspace=True
+)
+def boosted_tsv_m(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    *,
+    scaling: float,
+    keep: float | None,
+    polar: str,
+    beta: float,
+    **_: object,
+) -> torch.Tensor:
+    """BoostedTSV-M (Carvalho et al., 2026, arXiv 2603.05354; reconstructed from its abstract): TSV-M
+    after lifting each task's kept singular values to a floor, s'_i = max(s_i, s_{j*}), j* the first
+    index whose cumulative energy sum_{i <= j} s_i^2 / sum_i s_i^2 reaches ``beta`` (beta = 1 is
+    TSV-M); smaller beta boosts more directions."""
+    taus = weighted_task_vectors(base, tensors, weights)
+    return base.to(taus[0].dtype) + scaling * tsv_merge(taus, keep, beta, polar)
+
+
+@merge_method("knots", knobs={"scaling": 1.0, "density": 1.0}, subspace=True)
+def knots(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    *,
+    scaling: float,
+    density: float,
+    **_: object,
+) -> torch.Tensor:
+    """KnOTS (Stoica et al., 2025, arXiv 2410.19735), for low-rank deltas: SVD of the deltas side by
+    side along the input axis, [w_1 tau_1 | .. | w_T tau_T] = U diag(s) [Z_1 | .. | Z_T] / s, so every
+    tau_t = U (diag(s) Z_t); merge the aligned blocks diag(s) Z_t with TIES (``density``) and map back:
+    tau = U merged."""
+    taus = weighted_task_vectors(base, tensors, weights)
+    width = taus[0].shape[1]
+    u, s, vh = torch.linalg.svd(torch.cat(taus, dim=1), full_matrices=False)
+    blocks = [(s[:, None] * vh)[:, t * width : (t + 1) * width] for t in range(len(taus))]
+    trimmed = torch.stack([trim_to_top(block, density) for block in blocks])
+    gamma = elected_sign(list(trimmed))
+    agree = ((trimmed.sign() == gamma) & (trimmed != 0)).to(trimmed.dtype)
+    merged = (agree * trimmed).sum(0) / agree.sum(0).clamp_min(1.0)
+    return base.to(merged.dtype) + scaling * (u @ merged)
