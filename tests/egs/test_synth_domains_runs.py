@@ -3,6 +3,8 @@ dirs (HDMoLE's combined set, few-shot subsets) and the list of fine-tuning runs 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from collections import Counter
@@ -154,16 +156,28 @@ def write_base_config(path: Path) -> Path:
 
 
 def plan_runs(tmp_path: Path, methods: str, sweeps: str) -> subprocess.CompletedProcess[str]:
+    """Stage 8's planner (local/finetune_configs.py) on the full profile's adapters, in this process:
+    its exit code and what it printed."""
     pytest.importorskip("espnet2")
-    command = [
-        sys.executable, str(RECIPE / "local" / "finetune_configs.py"),
+    import finetune_configs
+
+    argv = [
         "--base_config", str(write_base_config(tmp_path / "config.yaml")),
         "--finetune", str(RECIPE / "conf" / "asr" / "ci" / "finetune.yaml"),
         "--adapters", str(RECIPE / "conf" / "asr" / "full" / "adapters.yaml"),
         "--out_dir", str(tmp_path / "conf"), "--data", "data", "--methods", methods,
         "--domains", "accent child noisy", "--sweeps", sweeps,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            finetune_configs.main(argv)
+        except SystemExit as exit_:
+            code = 1 if exit_.code not in (0, None) else 0
+            if isinstance(exit_.code, str):
+                err.write(exit_.code)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def test_runs_cover_every_method_domain_and_sweep_point(tmp_path: Path) -> None:

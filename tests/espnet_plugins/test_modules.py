@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from espnet_runs import TINY_CONFIG
 from tiny_corpus import write_token_list
 
 from espnet_plugins.modules import stock_task, targetable_modules
+from ssvd_peft.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +51,12 @@ def test_refuses_a_model_file_that_does_not_fit_the_config(base_model, tmp_path:
 
 
 def run_command(*arguments: str) -> str:
-    """Run the installed ``ssvd-peft`` command (with the plugin's subcommands) and return stdout."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ssvd_peft.cli", *arguments], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    """The ``ssvd-peft`` command (with the plugin's subcommands) in this process; its stdout. (The
+    installed command in a process of its own: the last test.)"""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(arguments)) == 0
+    return out.getvalue()
 
 
 def test_the_modules_command_lists_the_model(base_model) -> None:

@@ -201,7 +201,7 @@ class Planner:
                         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_config", type=Path, required=True, help="config.yaml of the base model")
     parser.add_argument("--finetune", type=Path, required=True, help="training options of every run")
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--methods", required=True, help="space-separated methods of the main runs")
     parser.add_argument("--domains", required=True, help="space-separated target domains")
     parser.add_argument("--sweeps", default="", help=f"space-separated sweeps to run: {' '.join(SWEEPS)}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     adapters = yaml.safe_load(args.adapters.read_text())
     methods, domains, sweeps = args.methods.split(), args.domains.split(), args.sweeps.split()
     unknown = sorted(set(sweeps) - set(SWEEPS))
