@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +30,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ssvd_peft.adapter_state import FINGERPRINT, AdapterCheckpointError, split_fingerprints
+from ssvd_peft.files import atomic_write, is_torch_zip
 from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER
 
 FORMAT = "ssvd-peft-adapter"
 VERSION = 3
-ZIP_MAGIC = b"PK\x03\x04"
 HEADER_FIELDS = ("format", "version", "method", "config", "adapter_name", "modules_to_save", "model_part")
 CONVERT_HINT = "rewrite it in the current format with `ssvd-peft convert OLD NEW.safetensors`"
 
@@ -87,18 +85,8 @@ def checksum(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
 
 def write_adapter_file(adapter: AdapterFile, path: str | Path) -> Path:
     """Write ``adapter`` as a safetensors file, atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in adapter.tensors.items()}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=adapter.header())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=adapter.header()))
 
 
 def read_adapter_file(path: str | Path, config_file: str | Path | None = None) -> AdapterFile:
@@ -106,9 +94,7 @@ def read_adapter_file(path: str | Path, config_file: str | Path | None = None) -
     path = Path(path)
     if not path.is_file():
         raise AdapterCheckpointError(f"adapter file {str(path)!r} does not exist; check the path")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != ZIP_MAGIC:
+    if not is_torch_zip(path):
         return _read_safetensors(path)
     payload = _torch_load(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:

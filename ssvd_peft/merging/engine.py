@@ -21,8 +21,6 @@ Models whose names or shapes differ are refused with the first difference named.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ssvd_peft.errors import PeftConfigError
+from ssvd_peft.files import atomic_write
 from ssvd_peft.merging.ops import normalised_weights, working_dtype
 from ssvd_peft.merging.registry import MergeMethod, get_merge_method
 from ssvd_peft.merging.sources import TensorSource, open_source
@@ -128,20 +127,10 @@ def merge_models_to_file(
     """Merge and write the state dict to ``output`` (``.safetensors``: safetensors; otherwise a torch
     file, as ESPnet's model files are), atomically: nothing is left behind if the merge fails."""
     merged = merge_models(base, models, method, weights, seed, vocabulary, **knobs)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        if output.suffix == ".safetensors":
-            save_file({key: value.contiguous() for key, value in merged.items()}, temporary)
-        else:
-            torch.save(merged, temporary)
-        os.replace(temporary, output)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return output
+    if Path(output).suffix == ".safetensors":
+        contiguous = {key: value.contiguous() for key, value in merged.items()}
+        return atomic_write(output, lambda temporary: save_file(contiguous, temporary))
+    return atomic_write(output, lambda temporary: torch.save(merged, temporary))
 
 
 def check_same_names(base: TensorSource | None, sources: list[TensorSource]) -> list[str]:

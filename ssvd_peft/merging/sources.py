@@ -12,8 +12,7 @@ import torch
 from safetensors import safe_open
 
 from ssvd_peft.errors import PeftConfigError
-
-ZIP_MAGIC = b"PK\x03\x04"
+from ssvd_peft.files import is_torch_zip
 
 
 class TensorSource:
@@ -41,9 +40,7 @@ def open_source(model: str | Path | Mapping[str, torch.Tensor], name: str | None
     path = Path(model)
     if not path.is_file():
         raise PeftConfigError(f"model file {str(path)!r} does not exist; check the path")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != ZIP_MAGIC:
+    if not is_torch_zip(path):
         return _safetensors_source(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
