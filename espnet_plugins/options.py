@@ -1,6 +1,6 @@
 """The ``peft`` block of an ESPnet training config: its command-line options and their meaning.
 
-    peft: ssvd_o                        # lora | dora | pissa | ssvd | ssvd_o | hdmole
+    peft: ssvd_o                        # lora | dora | pissa | ssvd | ssvd_o | ssvd_core | hdmole
     peft_conf: {target_modules: [linear_q, linear_v], k_ratio: 0.25}
     peft_pretrained: exp/base/valid.acc.ave.pth   # base weights, loaded before injection
     peft_pretrained_config: null        # default: config.yaml next to peft_pretrained

@@ -21,7 +21,7 @@ from ssvd_peft.methods.dora import DoraConfig
 from ssvd_peft.methods.hdmole import HdmoleConfig
 from ssvd_peft.methods.lora import LoraConfig
 from ssvd_peft.methods.pissa import PissaConfig
-from ssvd_peft.methods.ssvd import SsvdConfig, SsvdOConfig
+from ssvd_peft.methods.ssvd import SsvdConfig, SsvdCoreConfig, SsvdOConfig
 from ssvd_peft.registry import Method, get_method, method_names, register_method
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "PeftConfigError",
     "PissaConfig",
     "SsvdConfig",
+    "SsvdCoreConfig",
     "SsvdOConfig",
     "config_from_dict",
     "equal_budget_configs",

@@ -27,6 +27,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ssvd-espnet_compat": ("ssvd", {"k": 6, "espnet_compat": True}),
     "ssvd_o": ("ssvd_o", {"k": 6, "outer_share": 0.5}),
     "ssvd_o-no_outer": ("ssvd_o", {"k": 6, "outer_share": 0.0}),
+    "ssvd_core": ("ssvd_core", {"k": 6}),
     "hdmole": ("hdmole", {"rank": 2, "num_domains": 2}),
 }
 MERGEABLE = [case for case, (method, _) in CASES.items() if method != "hdmole"]

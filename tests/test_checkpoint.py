@@ -25,6 +25,7 @@ METHODS = {
     "pissa": {"rank": 4},
     "ssvd": {"k_ratio": 0.5},
     "ssvd_o": {"k_ratio": 0.5, "outer_share": 0.3},
+    "ssvd_core": {"k_ratio": 0.5},
 }
 TARGETS = ["proj_in", "proj_out", "head"]
 

@@ -33,6 +33,7 @@ METHODS = {
     "ssvd": ("ssvd", {"k": 4}),
     "ssvd_compat": ("ssvd", {"k": 4, "espnet_compat": True}),
     "ssvd_o": ("ssvd_o", {"k": 4, "outer_share": 0.5}),
+    "ssvd_core": ("ssvd_core", {"k": 4}),
 }
 
 

@@ -77,6 +77,11 @@ class Adapter(nn.Module, ABC):
     def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
         """W' - W, the change the adapter makes to the (current) base weight."""
 
+    def task_deltas(self, base_layer: nn.Linear) -> list[torch.Tensor]:
+        """The adapter's updates to the ORIGINAL base weight W, one per domain it was trained for
+        (what merging combines): [W' - W] for an adapter with one update, in float32+."""
+        return [self.delta_weight(base_layer.weight)]
+
     def merge_into(self, base_layer: nn.Linear) -> None:
         """Write the adapted weight W' = W + delta W into ``base_layer.weight`` (summed in float32+)."""
         weight = base_layer.weight

@@ -168,6 +168,10 @@ class HdmoleAdapter(Adapter):
             "n,nor,nri->oi", weights, self.lora_B.to(dtype), self.lora_A.to(dtype)
         )
 
+    def task_deltas(self, base_layer: nn.Linear) -> list[torch.Tensor]:
+        """[delta W_0, .., delta W_{D-1}]: every domain's fixed update (``domain_delta_weight``)."""
+        return [self.domain_delta_weight(domain) for domain in range(self.num_domains)]
+
     def merge_domain(self, base_layer: nn.Linear, domain: int) -> None:
         """W <- W + delta W_d: the layer for one known domain at the cost of a plain Linear."""
         if self.merged_domain is not None:

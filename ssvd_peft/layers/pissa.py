@@ -98,6 +98,13 @@ class PissaAdapter(LoraAdapter):
         """Give the base layer back its original weight W, bit for bit."""
         base_layer.weight.data.copy_(self.original_base_weight(base_layer))
 
+    def task_deltas(self, base_layer: nn.Linear) -> list[torch.Tensor]:
+        """[scale (B A - B0 A0)]: W' - W against the original W, exactly (not W_res + scale B A - W,
+        which would carry W_res's rounding)."""
+        dtype = compute_dtype(base_layer.weight.dtype)
+        a, b = (factor.to(dtype) for factor in self.as_lora_factors())
+        return [self.scaling * (b @ a)]
+
     def as_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') of the rank-2r LoRA that gives the same layer on the ORIGINAL weight."""
         return (

@@ -16,7 +16,10 @@ besides the merged model being built. Tensor rules, per name:
 
 Computation is in float32 (float64 for float64 tensors); each result is cast back to the stored
 dtype. Randomness (DARE) comes from one generator seeded with ``seed``, so a merge is reproducible.
-Models whose names or shapes differ are refused with the first difference named.
+Models whose names or shapes differ are refused with the first difference named, and so is a model
+that is not a fine-tune of the base: one whose change to a weight of at least ``FINGERPRINT_SIZE``
+entries is larger than ``max_change`` times that weight (default 1; two unrelated models of one
+architecture differ by about sqrt(2) times, a fine-tune by a few percent).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ssvd_peft.targets import matches_any
 
 ModelInput = str | Path | Mapping[str, torch.Tensor]
 DEFAULT_VOCABULARY = (r"decoder\.embed\..*", r"decoder\.output_layer\..*", r"ctc\.ctc_lo\..*")
+FINGERPRINT_SIZE = 1024
 
 
 def merge_tensors(
@@ -46,6 +50,7 @@ def merge_tensors(
     weights: Sequence[float] | None = None,
     seed: int = 0,
     vocabulary: Sequence[str] = DEFAULT_VOCABULARY,
+    max_change: float | None = 1.0,
     **knobs: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every tensor of the models, in their order (see the module doc)."""
@@ -66,6 +71,8 @@ def merge_tensors(
         tensors = [source.get(name) for source in sources]
         base_tensor = None if base_source is None else base_source.get(name)
         check_same_shapes(name, base_tensor, tensors, base_source, sources)
+        if base_tensor is not None and max_change is not None:
+            check_fine_tunes(name, base_tensor, tensors, sources, max_change)
         merged = merge_one(name, base_tensor, tensors, weights, entry, resolved, vocabulary, generator)
         yield name, merged
 
@@ -108,10 +115,11 @@ def merge_models(
     weights: Sequence[float] | None = None,
     seed: int = 0,
     vocabulary: Sequence[str] = DEFAULT_VOCABULARY,
+    max_change: float | None = 1.0,
     **knobs: Any,
 ) -> dict[str, torch.Tensor]:
     """The merged state dict (see the module docstring)."""
-    return dict(merge_tensors(base, models, method, weights, seed, vocabulary, **knobs))
+    return dict(merge_tensors(base, models, method, weights, seed, vocabulary, max_change, **knobs))
 
 
 def merge_models_to_file(
@@ -122,11 +130,12 @@ def merge_models_to_file(
     weights: Sequence[float] | None = None,
     seed: int = 0,
     vocabulary: Sequence[str] = DEFAULT_VOCABULARY,
+    max_change: float | None = 1.0,
     **knobs: Any,
 ) -> Path:
     """Merge and write the state dict to ``output`` (``.safetensors``: safetensors; otherwise a torch
     file, as ESPnet's model files are), atomically: nothing is left behind if the merge fails."""
-    merged = merge_models(base, models, method, weights, seed, vocabulary, **knobs)
+    merged = merge_models(base, models, method, weights, seed, vocabulary, max_change, **knobs)
     if Path(output).suffix == ".safetensors":
         contiguous = {key: value.contiguous() for key, value in merged.items()}
         return atomic_write(output, lambda temporary: save_file(contiguous, temporary))
@@ -163,4 +172,24 @@ def check_same_shapes(
             raise PeftConfigError(
                 f"{name}: {source.name} has shape {tuple(tensor.shape)}, {origin.name} "
                 f"{tuple(reference.shape)}; the models are not fine-tunes of one architecture"
+            )
+
+
+def check_fine_tunes(
+    name: str, base: torch.Tensor, tensors: list[torch.Tensor], sources: list[TensorSource], max_change: float
+) -> None:
+    """Refuse a model whose task vector of this weight exceeds ``max_change`` times the weight."""
+    if not base.is_floating_point() or base.dim() < 2 or base.numel() < FINGERPRINT_SIZE:
+        return
+    reference = base.to(working_dtype(base))
+    size = float(reference.norm())
+    if size == 0.0:
+        return
+    for tensor, source in zip(tensors, sources, strict=True):
+        change = float((tensor.to(reference.dtype) - reference).norm())
+        if change > max_change * size:
+            raise PeftConfigError(
+                f"{source.name} is not a fine-tune of the base: its {name} differs from the base's by "
+                f"{change / size:.2f} times the base weight (a fine-tune moves it by a few percent). "
+                "Merge models fine-tuned from this base, or raise max_change if this is intended"
             )

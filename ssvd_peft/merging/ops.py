@@ -55,14 +55,26 @@ def elected_sign(taus: list[torch.Tensor]) -> torch.Tensor:
     return torch.where(sign == 0, torch.full_like(sign, overall), sign)
 
 
+def nonzero_rank(s: torch.Tensor, shape: torch.Size) -> int:
+    """How many singular values (descending) exceed max(shape) * eps * s_max, eps of their dtype
+    (the numerical rank, as ``torch.linalg.matrix_rank`` counts it)."""
+    if s.numel() == 0:
+        return 0
+    tolerance = max(shape) * torch.finfo(s.dtype).eps * float(s[0])
+    return int((s > tolerance).sum())
+
+
 def polar_factor(matrix: torch.Tensor, method: str = "svd", steps: int = 5) -> torch.Tensor:
     """The orthogonal polar factor P Q^T of P S Q^T = matrix (the nearest matrix with orthonormal
-    columns or rows), by ``svd``, or by ``newton_schulz``: X = G / ||G||_F, then ``steps`` times
+    columns or rows; for a rank-deficient matrix the partial isometry over its nonzero singular
+    values, which is unique), by ``svd``, or by ``newton_schulz`` (which maps a zero singular value
+    to zero too): X = G / ||G||_F, then ``steps`` times
     X <- a X + (b A + c A^2) X with A = X X^T, (a, b, c) = (3.4445, -4.7750, 2.0315), on the wide
     orientation (tall inputs are transposed first); the result has singular values in a band around 1."""
     if method == "svd":
-        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u @ vh
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        rank = nonzero_rank(s, matrix.shape)
+        return u[:, :rank] @ vh[:rank]
     if method != "newton_schulz":
         raise ValueError(f"unknown polar factor method {method!r}; choose svd or newton_schulz")
     tall = matrix.shape[0] > matrix.shape[1]

@@ -1,13 +1,18 @@
 """Merges through the singular vectors of 2-D task vectors: isotropic spectra (Iso-C, Iso-CTS),
 task singular vectors (TSV-M, BoostedTSV-M), and KnOTS's shared basis for low-rank deltas.
 Only 2-D weights reach these functions (the tensor rules give every other tensor the mean of its
-task vectors). Every result is theta_0 + scaling * tau."""
+task vectors). Every result is theta_0 + scaling * tau.
+
+Directions with a zero singular value carry nothing, and their singular vectors are arbitrary: every
+method here keeps only the numerically non-zero part of a spectrum (``nonzero_rank``), so the r of
+a full fine-tune's task vector is min(out, in) and the r of a rank-8 adapter's update is 8 (a
+flattened spectrum or an orthogonalised stack never picks up arbitrary null-space directions)."""
 
 from __future__ import annotations
 
 import torch
 
-from ssvd_peft.merging.ops import elected_sign, polar_factor, task_vectors, trim_to_top
+from ssvd_peft.merging.ops import elected_sign, nonzero_rank, polar_factor, task_vectors, trim_to_top
 from ssvd_peft.merging.registry import merge_method
 
 POLAR_METHODS = ("svd", "newton_schulz")
@@ -27,7 +32,10 @@ def iso_c(
     tau = mean(s) U Vh, the same directions with a flat spectrum."""
     total = torch.stack(weighted_task_vectors(base, tensors, weights)).sum(0)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return base.to(total.dtype) + scaling * s.mean() * (u @ vh)
+    rank = nonzero_rank(s, total.shape)
+    if rank == 0:
+        return base.to(total.dtype).clone()
+    return base.to(total.dtype) + scaling * s[:rank].mean() * (u[:, :rank] @ vh[:rank])
 
 
 @merge_method("iso_cts", knobs={"scaling": 1.0, "common_fraction": 0.8}, subspace=True)
@@ -40,25 +48,30 @@ def iso_cts(
     common_fraction: float,
     **_: object,
 ) -> torch.Tensor:
-    """Iso-CTS (Marczak et al., 2025): with r = min(out, in) and T tasks, k_c = round(r f) lowered until
+    """Iso-CTS (Marczak et al., 2025): with r the rank of sum_t w_t tau_t (min(out, in) for full
+    fine-tunes) and T tasks, k_c = round(r f) lowered until
     T divides r - k_c, d = (r - k_c) / T. The common subspace is the top k_c of SVD(sum_t w_t tau_t);
     each task adds the top d triplets of its residual R_t = tau_t - U_c U_c^T tau_t. The stacked
     [U_1 .. U_T, U_c] and [Vh_1; ..; Vh_T; Vh_c] are orthogonalised (polar factor) and every singular
     value set to the mean of the kept ones."""
     taus = weighted_task_vectors(base, tensors, weights)
-    count, rank = len(taus), min(taus[0].shape)
+    total = torch.stack(taus).sum(0)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    count, rank = len(taus), nonzero_rank(s, total.shape)
+    if rank == 0:
+        return base.to(total.dtype).clone()
     common = min(rank, round(rank * common_fraction))
     while (rank - common) % count:
         common -= 1
     per_task = (rank - common) // count
-    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(0), full_matrices=False)
     us, vhs, values = [u[:, :common]], [vh[:common]], [s[:common]]
     for tau in taus:
         residual = tau - us[0] @ (us[0].T @ tau)
         ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
-        us.insert(-1, ru[:, :per_task])
-        vhs.insert(-1, rvh[:per_task])
-        values.insert(-1, rs[:per_task])
+        kept = min(per_task, nonzero_rank(rs, residual.shape))
+        us.insert(-1, ru[:, :kept])
+        vhs.insert(-1, rvh[:kept])
+        values.insert(-1, rs[:kept])
     left = polar_factor(torch.cat(us, dim=1))
     right = polar_factor(torch.cat(vhs, dim=0))
     merged = torch.cat(values).mean() * (left @ right)
@@ -68,15 +81,18 @@ def iso_cts(
 def task_singular_vectors(
     taus: list[torch.Tensor], keep: float | None, boost: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top k = floor(r keep) triplets of every tau_t (keep default 1 / T), side by side:
-    (U stack: out x Tk, s stack: Tk, Vh stack: Tk x in); with ``boost`` beta < 1 each task's kept
-    values are floored at s_{j*}, j* the first index whose cumulative energy reaches beta."""
-    rank = min(taus[0].shape)
-    k = max(1, int(rank * (keep if keep is not None else 1.0 / len(taus))))
+    """The top k_t = floor(r_t keep) triplets of every tau_t (at least 1; keep default 1 / T; r_t the
+    rank of tau_t), side by side: (U stack: out x sum k_t, s stack, Vh stack: sum k_t x in); with
+    ``boost`` beta < 1 each task's kept values are floored at s_{j*}, j* the first index whose
+    cumulative energy reaches beta. A task vector of zero adds nothing."""
+    fraction = keep if keep is not None else 1.0 / len(taus)
     us, values, vhs = [], [], []
     for tau in taus:
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        if boost is not None and boost < 1.0:
+        rank = nonzero_rank(s, tau.shape)
+        k = min(rank, max(1, int(rank * fraction)))
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        if boost is not None and boost < 1.0 and rank:
             energy = torch.cumsum(s.pow(2), 0) / s.pow(2).sum().clamp_min(torch.finfo(s.dtype).tiny)
             first = int(torch.searchsorted(energy, torch.tensor(boost, dtype=s.dtype)))
             s = torch.maximum(s, s[min(first, len(s) - 1)])
@@ -90,6 +106,8 @@ def tsv_merge(taus: list[torch.Tensor], keep: float | None, boost: float | None,
     if polar not in POLAR_METHODS:
         raise ValueError(f"polar must be one of {', '.join(POLAR_METHODS)}; got {polar!r}")
     u, s, vh = task_singular_vectors(taus, keep, boost)
+    if s.numel() == 0:
+        return torch.zeros_like(taus[0])
     return polar_factor(u, polar) @ torch.diag(s) @ polar_factor(vh, polar)
 
 

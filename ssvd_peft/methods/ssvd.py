@@ -1,5 +1,7 @@
 """SSVD's and SSVD-O's home: their configs, how a config sizes one layer's adapter, and their
-registry entries (the math: ``ssvd_peft.layers.ssvd``; ESPnet's variant: ``layers.ssvd_espnet``).
+registry entries (the math: ``ssvd_peft.layers.ssvd``; ESPnet's variant: ``layers.ssvd_espnet``);
+also ``ssvd_core``, the free k x k core a merge of SSVD-family adapters keeps
+(``layers.ssvd_core``).
 
 Sizes per in -> out layer, m = min(in, out):
     k      = k, or round(k_ratio m) (at least 1; floor(k_ratio m) with espnet_compat, as ESPnet)
@@ -23,6 +25,7 @@ from ssvd_peft.config import AdapterConfig, PeftConfigError, check_choice, check
 from ssvd_peft.layers.base import TrainableSplit
 from ssvd_peft.layers.rotation import num_skew_params
 from ssvd_peft.layers.ssvd import SsvdAdapter
+from ssvd_peft.layers.ssvd_core import SsvdCoreAdapter
 from ssvd_peft.layers.ssvd_espnet import EspnetSsvdAdapter
 from ssvd_peft.registry import Method, register_method
 
@@ -86,25 +89,7 @@ class SsvdConfig(AdapterConfig):
         return SsvdDims(k, k_in, k_out)
 
     def subspace_size(self, in_features: int, out_features: int) -> int:
-        m = min(in_features, out_features)
-        if self.k is not None:
-            k = self.k
-        elif self.espnet_compat:
-            k = int(m * self.k_ratio)
-            if k < 1:
-                raise ValueError(
-                    f"{self.method} (espnet_compat): k_ratio {self.k_ratio} gives k = floor({self.k_ratio} x "
-                    f"{m}) = 0 on this layer, as ESPnet's SSVDLinear would refuse; raise k_ratio or give k"
-                )
-        else:
-            k = max(1, round(self.k_ratio * m))
-        if k > m:
-            raise ValueError(
-                f"{self.method}: k = {k} is larger than this layer allows "
-                f"(min(in={in_features}, out={out_features}) = {m}); lower k (or k_ratio), "
-                "or give this module a smaller k in module_overrides"
-            )
-        return k
+        return subspace_size(self.method, self.k, self.k_ratio, self.espnet_compat, in_features, out_features)
 
     def rotation_sizes(self, k: int) -> tuple[int, int]:
         """(k_in, k_out) of SSVD: the inner rotation only."""
@@ -169,6 +154,30 @@ class SsvdOConfig(SsvdConfig):
         return k_in, k_out
 
 
+def subspace_size(
+    method: str, k: int | None, k_ratio: float, floor: bool, in_features: int, out_features: int
+) -> int:
+    """k of one in -> out layer: k, or round(k_ratio m) (at least 1), or floor(k_ratio m) (``floor``,
+    as ESPnet's SSVDLinear; 0 is refused), with m = min(in, out); k > m is refused."""
+    m = min(in_features, out_features)
+    if k is None and floor:
+        k = int(m * k_ratio)
+        if k < 1:
+            raise ValueError(
+                f"{method} (espnet_compat): k_ratio {k_ratio} gives k = floor({k_ratio} x {m}) = 0 on "
+                "this layer, as ESPnet's SSVDLinear would refuse; raise k_ratio or give k"
+            )
+    elif k is None:
+        k = max(1, round(k_ratio * m))
+    if k > m:
+        raise ValueError(
+            f"{method}: k = {k} is larger than this layer allows (min(in={in_features}, "
+            f"out={out_features}) = {m}); lower k (or k_ratio), or give this module a smaller k in "
+            "module_overrides"
+        )
+    return k
+
+
 def rotation_size_for_budget(budget: float) -> int:
     """The largest j with j (j - 1) / 2 <= budget (0 when no rotation fits).
 
@@ -180,5 +189,39 @@ def rotation_size_for_budget(budget: float) -> int:
     return size if size >= 2 else 0
 
 
+@dataclass
+class SsvdCoreConfig(AdapterConfig):
+    """A free k x k core in the top-k singular subspace: W' = W + U_k M V_k^T (what a merge of SSVD
+    or SSVD-O adapters keeps). Trainable per layer: k^2."""
+
+    method: ClassVar[str] = "ssvd_core"
+
+    k: int | None = option("size of the singular subspace (default: k_ratio * m)", default=None)
+    k_ratio: float = option("k as a fraction of m = min(in, out) when k is not given", default=0.4)
+    k_floor: bool = option(
+        "k = floor(k_ratio m) as ESPnet's SSVDLinear (and espnet_compat SSVD) sizes it, not round",
+        default=False,
+    )
+
+    def validate(self) -> None:
+        if self.k is not None:
+            check_positive_int(self.method, "k", self.k)
+        if not 0.0 < self.k_ratio <= 1.0:
+            raise PeftConfigError(f"{self.method}: k_ratio must be in (0, 1], got {self.k_ratio}")
+
+    def subspace_size(self, in_features: int, out_features: int) -> int:
+        return subspace_size(self.method, self.k, self.k_ratio, self.k_floor, in_features, out_features)
+
+    def build(self, base_layer: nn.Linear) -> SsvdCoreAdapter:
+        k = self.subspace_size(base_layer.in_features, base_layer.out_features)
+        return SsvdCoreAdapter(base_layer, k, self.init_weights)
+
+    def trainable_split(self, in_features: int, out_features: int) -> TrainableSplit:
+        """The k^2 core as SSVD-O with full rotations counts it: k values, k (k - 1) / 2 per side."""
+        k = self.subspace_size(in_features, out_features)
+        return TrainableSplit(inner=num_skew_params(k), outer=num_skew_params(k), values=k)
+
+
 SSVD = register_method(Method("ssvd", SsvdConfig, SsvdAdapter, knob="k"))
 SSVD_O = register_method(Method("ssvd_o", SsvdOConfig, SsvdAdapter, knob="k"))
+SSVD_CORE = register_method(Method("ssvd_core", SsvdCoreConfig, SsvdCoreAdapter, knob="k"))

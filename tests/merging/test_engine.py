@@ -182,3 +182,21 @@ def test_bad_calls_get_one_message_each(states):
         merge_models(base, models, "tie")
     with pytest.raises(PeftConfigError, match=r"model file '/nope\.pth' does not exist"):
         merge_models(base, ["/nope.pth"], "soup")
+
+
+def test_a_model_that_is_not_a_fine_tune_of_the_base_is_refused_with_no_file(tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    base = {"encoder.big.weight": torch.randn(40, 40, generator=generator)}
+    tuned = {
+        "encoder.big.weight": base["encoder.big.weight"] + 0.05 * torch.randn(40, 40, generator=generator)
+    }
+    unrelated = {"encoder.big.weight": torch.randn(40, 40, generator=generator)}
+    merge_models(base, [tuned], "task_arithmetic")
+    with pytest.raises(
+        PeftConfigError, match=r"model 2 is not a fine-tune of the base: its encoder\.big\.weight"
+    ):
+        merge_models_to_file(base, [tuned, unrelated], tmp_path / "out.pth", "task_arithmetic")
+    assert list(tmp_path.iterdir()) == []
+    merged = merge_models(base, [tuned, unrelated], "task_arithmetic", max_change=None)
+    expected = tuned["encoder.big.weight"] + unrelated["encoder.big.weight"] - base["encoder.big.weight"]
+    torch.testing.assert_close(merged["encoder.big.weight"], expected)
