@@ -4,6 +4,8 @@
     ssvd-peft info FILE            what an adapter file holds: method, options, layers, budget, base
     ssvd-peft convert OLD NEW      rewrite an adapter file (an older format, an ESPnet model file)
                                    as a current one (safetensors)
+    ssvd-peft merge ...            merge fine-tuned models or adapters of one base model
+                                   (``ssvd_peft.merging.command``)
 
 Packages add subcommands through the ``ssvd_peft.commands`` entry-point group: each entry is a
 function ``register(subparsers)`` that adds a parser whose ``func`` default runs it (the ESPnet
@@ -22,6 +24,7 @@ import torch
 from ssvd_peft.adapter_file import read_adapter_file, write_adapter_file
 from ssvd_peft.adapter_info import describe_adapter
 from ssvd_peft.config import PeftConfigError
+from ssvd_peft.merging.command import add_merge_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("new", type=Path, help="the file to write (safetensors)")
     convert.add_argument("--config", type=Path, help="the experiment's config.yaml of an ESPnet model file")
     convert.set_defaults(func=_run_convert)
+
+    add_merge_parser(commands)
 
     for entry in entry_points(group="ssvd_peft.commands"):
         entry.load()(commands)
