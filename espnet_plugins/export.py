@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def export_merged(
     return config_path, model_path
 
 
-def check_stock_keys(task: type[Any], config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def check_stock_keys(task: type[Any], config: dict[str, Any], state: Mapping[str, Any]) -> None:
     """The stock task (the first base that is not adapter-aware) must build a model with these keys."""
     stock_task = next(
         base for base in task.__mro__ if "build_model" in vars(base) and not issubclass(base, PeftTaskMixin)

@@ -12,7 +12,8 @@ fine-tunes (merged tensor by tensor, ``ssvd_peft.merging.engine``); one merge ta
 
 The output directory gets ``config.yaml`` (the base's config without any peft block; the merged
 state dict is checked against the stock task's model built from it), ``model.pth`` and
-``merge.yaml`` (what was merged, how, and with ``search`` the grid and the choice).
+``merge.yaml`` (what was merged, how, and with ``search`` the grid and the choice). The model is
+written as it is merged, tensor by tensor.
 
 ``search``: {knob: [values]} tried on dev data before anything is written: each point of the grid
 is merged in memory and scored by the model's token accuracy on ``dev_data`` (the loss when the
@@ -40,7 +41,7 @@ from espnet_plugins.options import without_peft_options
 from ssvd_peft.errors import PeftConfigError
 from ssvd_peft.files import atomic_write
 from ssvd_peft.merging.adapters import AdapterMerge
-from ssvd_peft.merging.engine import merge_models
+from ssvd_peft.merging.engine import ModelMerge
 from ssvd_peft.merging.registry import get_merge_method
 
 logger = logging.getLogger(__name__)
@@ -118,16 +119,15 @@ class MergeRequest:
                 "on its own, or fold the adapters first (espnet_plugins.bin.export_merged)"
             )
 
-    def merged_state(self, knobs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The merged state dict with ``knobs`` (in the base model's order and dtypes)."""
+    def merge(self, knobs: dict[str, Any]) -> ModelMerge | AdapterMerge:
+        """The merge with ``knobs``: ``specs()``, ``state_dict()``, ``save(path)``."""
         files = [experiment.model_file for experiment in self.experiments]
         if self.experiments[0].is_adapter:
             configs = [experiment.directory / CONFIG_FILE for experiment in self.experiments]
-            merge = AdapterMerge(
+            return AdapterMerge(
                 self.base.model_file, files, self.method, self.weights, self.seed, configs=configs, **knobs
             )
-            return merge.model()
-        return merge_models(self.base.model_file, files, self.method, self.weights, self.seed, **knobs)
+        return ModelMerge(self.base.model_file, files, self.method, self.weights, self.seed, **knobs)
 
     def record(self, knobs: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -181,12 +181,12 @@ def merge_experiments(
             "chosen": best,
         }
     start = time.perf_counter()
-    state = request.merged_state(chosen)
-    check_stock_keys(task, config, state)
-    record = {**request.record(chosen), "seconds": round(time.perf_counter() - start, 2), **record}
+    merge = request.merge(chosen)
+    check_stock_keys(task, config, merge.specs())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(output_dir / MODEL_FILE, lambda temporary: torch.save(state, temporary))
+    merge.save(output_dir / MODEL_FILE)
+    record = {**request.record(chosen), "seconds": round(time.perf_counter() - start, 2), **record}
     write_yaml(output_dir / CONFIG_FILE, config)
     write_yaml(output_dir / RECORD_FILE, record)
     logger.info("Wrote the merged model to %s", output_dir)
@@ -216,7 +216,7 @@ def search_grid(
     rows = []
     for values in itertools.product(*search.values()):
         point = dict(zip(search, values, strict=True))
-        model.load_state_dict(request.merged_state({**request.knobs, **point}))
+        model.load_state_dict(request.merge({**request.knobs, **point}).state_dict())
         metric, score = dev_score(task, model, args, dev_data)
         rows.append({"knobs": point, "metric": metric, "score": round(score, 6)})
         logger.info("search %s: dev %s %.4f", point, metric, score)

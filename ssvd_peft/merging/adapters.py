@@ -2,7 +2,7 @@
 
     merge = AdapterMerge("base.pth", ["accent.safetensors", "exp/child/valid.acc.best.pth"], "ties",
                          density=0.3)
-    merge.save_model("merged.pth")                   # (a) folded into the base: a plain model
+    merge.save("merged.pth")                         # (a) folded into the base: a plain model
     merge.adapter(rank=8).save("merged.safetensors")  # (b) kept as an adapter (LoRA of rank 8)
 
 Every adapter file (``ssvd_peft.adapter_file``; ESPnet's adapter-only model files included) was
@@ -14,8 +14,8 @@ W + delta_t, in float64, so a rank-r update has rank r exactly); the full tensor
 ``modules_to_save`` merge as the models' tensors.
 
 Outputs:
-- ``model_tensors`` / ``model`` / ``save_model``: the base with W + delta in every adapted layer,
-  read and written tensor by tensor;
+- ``tensors`` / ``state_dict`` / ``save``: the base with W + delta in every adapted layer, read
+  and written tensor by tensor;
 - ``adapter(form="lora", rank=r')``: per layer the truncated SVD of delta, B = U_r' diag(sqrt s),
   A = diag(sqrt s) Vh_r' (alpha = r', so the scale is 1), with its relative reconstruction error
   ||delta - B A||_F / ||delta||_F (default r': the largest rank among the tasks' updates of the
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ssvd_peft.adapter_file import AdapterFile, read_adapter_file, write_adapter_file
@@ -52,12 +51,12 @@ from ssvd_peft.adapter_state import (
 )
 from ssvd_peft.config import AdapterConfig, config_from_dict
 from ssvd_peft.errors import PeftConfigError
-from ssvd_peft.files import atomic_write
 from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER, Adapter, AdapterLinear, weight_fingerprint
 from ssvd_peft.merging.engine import DEFAULT_VOCABULARY, ModelInput, merge_one
 from ssvd_peft.merging.ops import nonzero_rank
 from ssvd_peft.merging.registry import get_merge_method
-from ssvd_peft.merging.sources import TensorSource, open_source
+from ssvd_peft.merging.sinks import write_state_dict
+from ssvd_peft.merging.sources import TensorSource, TensorSpec, open_source
 
 AdapterInput = str | Path | AdapterFile
 SUBSPACE_METHODS = ("ssvd", "ssvd_o", "ssvd_core")
@@ -206,7 +205,11 @@ class AdapterMerge:
             name, base, tensors, self.weights, self.entry, self.knobs, self.vocabulary, generator
         )
 
-    def model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def specs(self) -> dict[str, TensorSpec]:
+        """{name: dtype and shape} of the merged model: the base's."""
+        return {name: self.base.spec(name) for name in self.base}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of the base with the merged update in every adapted layer and the merged
         saved modules, one tensor at a time, in the base's order and dtypes."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -222,17 +225,14 @@ class AdapterMerge:
             else:
                 yield name, tensor
 
-    def model(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """The merged plain model's state dict."""
-        return dict(self.model_tensors())
+        return dict(self.tensors())
 
-    def save_model(self, output: str | Path) -> Path:
-        """Write the merged plain model (``.safetensors``, or a torch file as ESPnet's), atomically."""
-        merged = self.model()
-        if Path(output).suffix == ".safetensors":
-            contiguous = {key: value.contiguous() for key, value in merged.items()}
-            return atomic_write(output, lambda temporary: save_file(contiguous, temporary))
-        return atomic_write(output, lambda temporary: torch.save(merged, temporary))
+    def save(self, output: str | Path) -> Path:
+        """Write the merged plain model as it is computed (``.safetensors``, or a torch file as
+        ESPnet's), atomically."""
+        return write_state_dict(output, self.specs(), self.tensors())
 
     def adapter(self, form: str | None = None, rank: int | None = None) -> MergedAdapter:
         """The merge kept as an adapter of ``form`` (default ``ssvd_core`` when every input is of the

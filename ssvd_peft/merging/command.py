@@ -120,7 +120,7 @@ class MergeSpec:
                 **self.parameters,
             )
             if self.keep_adapter is None:
-                merge.save_model(self.output)
+                merge.save(self.output)
                 detail = "the base with the merged update folded in"
             else:
                 merged = merge.adapter(self.keep_adapter.get("form"), self.keep_adapter.get("rank"))

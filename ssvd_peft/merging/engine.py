@@ -3,8 +3,10 @@
     merged = merge_models("base.pth", ["accent.pth", "child.pth"], "ties", density=0.3, scaling=0.8)
     merge_models_to_file("base.pth", [...], "merged.safetensors", "tsv_m")
 
-Each model is read on demand (``sources``): one tensor of every model is in memory at a time,
-besides the merged model being built. Tensor rules, per name:
+Each model is read on demand (``sources``) and the merged model written as it is computed
+(``sinks``): one tensor of every model is in memory at a time (the tensors that take the mean are
+read one model at a time), so peak memory does not grow with the models' size or number beyond
+that. Tensor rules, per name:
 
 - a tensor equal in every model (and the base) is taken as it is (frozen: tau = 0);
 - a tensor that is not floating point (a counter) is the base's (the first model's without a base);
@@ -29,18 +31,114 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ssvd_peft.errors import PeftConfigError
-from ssvd_peft.files import atomic_write
 from ssvd_peft.merging.ops import normalised_weights, working_dtype
 from ssvd_peft.merging.registry import MergeMethod, get_merge_method
-from ssvd_peft.merging.sources import TensorSource, open_source
+from ssvd_peft.merging.sinks import write_state_dict
+from ssvd_peft.merging.sources import TensorSource, TensorSpec, open_source
 from ssvd_peft.targets import matches_any
 
 ModelInput = str | Path | Mapping[str, torch.Tensor]
 DEFAULT_VOCABULARY = (r"decoder\.embed\..*", r"decoder\.output_layer\..*", r"ctc\.ctc_lo\..*")
 FINGERPRINT_SIZE = 1024
+
+
+class ModelMerge:
+    """The merge of ``models`` (onto ``base``) by ``method``; checked when made, computed as read.
+
+    ``weights``: one per model (default 1); ``seed``: DARE's generator; ``vocabulary``: full-name
+    patterns of the vocabulary matrices; ``max_change``: the fine-tune check (None: off).
+    """
+
+    def __init__(
+        self,
+        base: ModelInput | None,
+        models: Sequence[ModelInput],
+        method: str,
+        weights: Sequence[float] | None = None,
+        seed: int = 0,
+        vocabulary: Sequence[str] = DEFAULT_VOCABULARY,
+        max_change: float | None = 1.0,
+        **knobs: Any,
+    ) -> None:
+        self.entry = get_merge_method(method)
+        self.knobs = self.entry.resolved_knobs(knobs)
+        if not models:
+            raise PeftConfigError("merging needs at least one model; the list of models is empty")
+        if self.entry.needs_base and base is None:
+            raise PeftConfigError(f"merge method {method!r} works on task vectors and needs the base model")
+        self.weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(models):
+            raise PeftConfigError(
+                f"{len(self.weights)} weights for {len(models)} models; give one weight per model"
+            )
+        self.sources = [open_source(model, f"model {i + 1}") for i, model in enumerate(models)]
+        self.base = None if base is None else open_source(base, "base")
+        self.reference = self.base if self.base is not None else self.sources[0]
+        self.names = check_same_names(self.base, self.sources)
+        self.seed = seed
+        self.vocabulary = list(vocabulary)
+        self.max_change = max_change
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """{name: dtype and shape} of the merged model (the base's, or the first model's)."""
+        return {name: self.reference.spec(name) for name in self.names}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor) for every tensor, in the models' order (see the module docstring)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for name in self.names:
+            yield name, self.merged(name, generator)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors())
+
+    def save(self, output: str | Path) -> Path:
+        """Write the merged model to ``output`` as it is computed (``.safetensors``, or a torch file
+        as ESPnet's model files are), atomically: nothing is left behind if the merge fails."""
+        return write_state_dict(output, self.specs(), self.tensors())
+
+    def merged(self, name: str, generator: torch.Generator) -> torch.Tensor:
+        spec = self.reference.spec(name)
+        for source in self.sources:
+            if source.spec(name).shape != spec.shape:
+                raise PeftConfigError(
+                    f"{name}: {source.name} has shape {source.spec(name).shape}, {self.reference.name} "
+                    f"{spec.shape}; the models are not fine-tunes of one architecture"
+                )
+        if not spec.dtype.is_floating_point:
+            return self.reference.get(name)
+        if takes_mean(name, len(spec.shape), self.entry, self.vocabulary):
+            return self.streamed_mean(name)
+        base = None if self.base is None else self.base.get(name)
+        tensors = [source.get(name) for source in self.sources]
+        if base is not None and self.max_change is not None:
+            check_fine_tunes(name, base, tensors, self.sources, self.max_change)
+        return merge_one(
+            name, base, tensors, self.weights, self.entry, self.knobs, self.vocabulary, generator
+        )
+
+    def streamed_mean(self, name: str) -> torch.Tensor:
+        """The weighted mean of the models' tensors (theta_0 + the mean task vector), reading one
+        model's tensor at a time; the reference tensor itself when every model holds it unchanged."""
+        reference = self.reference.get(name)
+        total = sum(self.weights)
+        dtype = working_dtype(reference)
+        mean, unchanged = torch.zeros(reference.shape, dtype=dtype), True
+        for weight, source in zip(self.weights, self.sources, strict=True):
+            tensor = source.get(name)
+            if self.base is not None and self.max_change is not None:
+                check_fine_tunes(name, reference, [tensor], [source], self.max_change)
+            unchanged = unchanged and torch.equal(tensor, reference)
+            mean.add_(tensor.to(dtype), alpha=weight / total)
+        return reference if unchanged else mean.to(reference.dtype)
+
+
+def takes_mean(name: str, ndim: int, entry: MergeMethod, vocabulary: Sequence[str]) -> bool:
+    """The tensor rule: vocabulary matrices, and every tensor but 2-D weights for a method that
+    works through singular vectors, take the mean of the task vectors."""
+    return matches_any(list(vocabulary), name) or (entry.subspace and ndim != 2)
 
 
 def merge_tensors(
@@ -54,27 +152,7 @@ def merge_tensors(
     **knobs: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every tensor of the models, in their order (see the module doc)."""
-    entry = get_merge_method(method)
-    resolved = entry.resolved_knobs(knobs)
-    if not models:
-        raise PeftConfigError("merging needs at least one model; the list of models is empty")
-    if entry.needs_base and base is None:
-        raise PeftConfigError(f"merge method {method!r} works on task vectors and needs the base model")
-    weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(models):
-        raise PeftConfigError(f"{len(weights)} weights for {len(models)} models; give one weight per model")
-    sources = [open_source(model, f"model {i + 1}") for i, model in enumerate(models)]
-    base_source = None if base is None else open_source(base, "base")
-    names = check_same_names(base_source, sources)
-    generator = torch.Generator().manual_seed(seed)
-    for name in names:
-        tensors = [source.get(name) for source in sources]
-        base_tensor = None if base_source is None else base_source.get(name)
-        check_same_shapes(name, base_tensor, tensors, base_source, sources)
-        if base_tensor is not None and max_change is not None:
-            check_fine_tunes(name, base_tensor, tensors, sources, max_change)
-        merged = merge_one(name, base_tensor, tensors, weights, entry, resolved, vocabulary, generator)
-        yield name, merged
+    return ModelMerge(base, models, method, weights, seed, vocabulary, max_change, **knobs).tensors()
 
 
 def merge_one(
@@ -91,7 +169,7 @@ def merge_one(
     reference = tensors[0] if base is None else base
     if not reference.is_floating_point() or all(torch.equal(t, reference) for t in tensors):
         return reference.clone()
-    if matches_any(list(vocabulary), name) or (entry.subspace and reference.dim() != 2):
+    if takes_mean(name, reference.dim(), entry, vocabulary):
         merged = mean_of_task_vectors(base, tensors, weights)
     else:
         merged = entry.function(base, tensors, weights, generator=generator, **knobs)
@@ -119,7 +197,7 @@ def merge_models(
     **knobs: Any,
 ) -> dict[str, torch.Tensor]:
     """The merged state dict (see the module docstring)."""
-    return dict(merge_tensors(base, models, method, weights, seed, vocabulary, max_change, **knobs))
+    return ModelMerge(base, models, method, weights, seed, vocabulary, max_change, **knobs).state_dict()
 
 
 def merge_models_to_file(
@@ -133,13 +211,8 @@ def merge_models_to_file(
     max_change: float | None = 1.0,
     **knobs: Any,
 ) -> Path:
-    """Merge and write the state dict to ``output`` (``.safetensors``: safetensors; otherwise a torch
-    file, as ESPnet's model files are), atomically: nothing is left behind if the merge fails."""
-    merged = merge_models(base, models, method, weights, seed, vocabulary, max_change, **knobs)
-    if Path(output).suffix == ".safetensors":
-        contiguous = {key: value.contiguous() for key, value in merged.items()}
-        return atomic_write(output, lambda temporary: save_file(contiguous, temporary))
-    return atomic_write(output, lambda temporary: torch.save(merged, temporary))
+    """Merge into ``output`` tensor by tensor (``ModelMerge.save``)."""
+    return ModelMerge(base, models, method, weights, seed, vocabulary, max_change, **knobs).save(output)
 
 
 def check_same_names(base: TensorSource | None, sources: list[TensorSource]) -> list[str]:
@@ -156,23 +229,6 @@ def check_same_names(base: TensorSource | None, sources: list[TensorSource]) -> 
                 f"fine-tunes of one architecture; merge models of the same base model"
             )
     return names
-
-
-def check_same_shapes(
-    name: str,
-    base: torch.Tensor | None,
-    tensors: list[torch.Tensor],
-    base_source: TensorSource | None,
-    sources: list[TensorSource],
-) -> None:
-    reference = tensors[0] if base is None else base
-    origin = sources[0] if base is None else base_source
-    for tensor, source in zip(tensors, sources, strict=True):
-        if tensor.shape != reference.shape:
-            raise PeftConfigError(
-                f"{name}: {source.name} has shape {tuple(tensor.shape)}, {origin.name} "
-                f"{tuple(reference.shape)}; the models are not fine-tunes of one architecture"
-            )
 
 
 def check_fine_tunes(

@@ -25,7 +25,7 @@ def assert_states_close(actual: dict, expected: dict, **tolerance) -> None:
 @pytest.mark.parametrize("case", [case for case in METHODS if case != "hdmole"])
 def test_one_adapter_with_task_arithmetic_at_one_folds_to_that_adapter(case, tmp_path):
     path = train_adapter(case, 1, tmp_path / "a.safetensors", save_ctc=True)
-    merged = AdapterMerge(TinyNet().state_dict(), [path], "task_arithmetic").model()
+    merged = AdapterMerge(TinyNet().state_dict(), [path], "task_arithmetic").state_dict()
     assert_states_close(merged, applied(path), atol=1e-5, rtol=1e-5)
 
 
@@ -34,7 +34,7 @@ def test_hdmole_contributes_one_task_per_domain(tmp_path):
     model = TinyNet()
     load_adapter(model, path)
     merge = AdapterMerge(TinyNet().state_dict(), [path], "task_arithmetic", weights=[0.25, 0.75])
-    merged = merge.model()
+    merged = merge.state_dict()
     for name, layer in iter_adapter_layers(model):
         adapter = layer.peft_adapters["default"]
         expected = (
@@ -55,13 +55,13 @@ def test_a_merged_lora_of_full_rank_folds_to_the_merged_dense_update(case, metho
     kept = merge.adapter(form="lora", rank=12)
     assert kept.error < 1e-6
     path = kept.save(tmp_path / "merged.safetensors")
-    assert_states_close(applied(path), merge.model(), atol=1e-5, rtol=1e-5)
+    assert_states_close(applied(path), merge.state_dict(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_truncated_lora_reports_the_update_it_loses(tmp_path):
     paths = [train_adapter("lora", seed, tmp_path / f"{seed}.safetensors") for seed in (1, 2, 3)]
     merge = AdapterMerge(TinyNet().state_dict(), paths, "task_arithmetic")
-    full = merge.model()
+    full = merge.state_dict()
     kept = merge.adapter(form="lora")  # default rank: one input adapter's, 2
     assert kept.file.config["rank"] == 2
     folded = applied(kept.save(tmp_path / "merged.safetensors"))
@@ -91,7 +91,7 @@ def test_the_subspace_core_merge_equals_the_dense_merge(case, method, tmp_path):
     model = TinyNet()
     load_adapter(model, path)
     assert [layer.peft_adapters["default"].k for _, layer in iter_adapter_layers(model)] == [6, 6, 6]
-    assert_states_close(merge_and_unload(model).state_dict(), merge.model(), atol=1e-5, rtol=1e-5)
+    assert_states_close(merge_and_unload(model).state_dict(), merge.state_dict(), atol=1e-5, rtol=1e-5)
 
 
 def test_ssvd_and_ssvd_o_adapters_merge_in_one_subspace(tmp_path):
@@ -101,7 +101,7 @@ def test_ssvd_and_ssvd_o_adapters_merge_in_one_subspace(tmp_path):
     ]
     merge = AdapterMerge(TinyNet().state_dict(), paths, "task_arithmetic", weights=[0.5, 0.5])
     assert_states_close(
-        applied(merge.adapter().save(tmp_path / "m.safetensors")), merge.model(), atol=1e-5, rtol=1e-5
+        applied(merge.adapter().save(tmp_path / "m.safetensors")), merge.state_dict(), atol=1e-5, rtol=1e-5
     )
 
 
@@ -110,7 +110,7 @@ def test_subspace_merges_of_low_rank_updates_stay_in_their_span(tmp_path):
     paths = [train_adapter("lora", seed, tmp_path / f"{seed}.safetensors") for seed in (1, 2)]
     base = TinyNet().state_dict()
     for method in ("iso_c", "iso_cts", "tsv_m"):
-        merged = AdapterMerge(base, paths, method).model()
+        merged = AdapterMerge(base, paths, method).state_dict()
         update = (merged["proj_in.weight"] - base["proj_in.weight"]).double()
         values = torch.linalg.svdvals(update)
         assert int((values > 1e-5 * values[0]).sum()) <= 4, method
@@ -121,7 +121,7 @@ def test_layers_only_some_adapters_adapt_merge_with_a_zero_update(tmp_path):
     second = train_adapter("lora", 2, tmp_path / "2.safetensors", targets=["proj_in", "head"])
     merged = AdapterMerge(
         TinyNet().state_dict(), [first, second], "task_arithmetic", weights=[0.5, 0.5]
-    ).model()
+    ).state_dict()
     only_second = applied(second)
     base = TinyNet().state_dict()
     torch.testing.assert_close(
@@ -142,7 +142,7 @@ def test_every_parameter_space_method_merges_adapters(tmp_path):
     paths = [train_adapter("dora", seed, tmp_path / f"{seed}.safetensors") for seed in (1, 2)]
     base = TinyNet().state_dict()
     for method in ("soup", "model_stock", "karcher", "multislerp", "pcb", "sce", "iso_cts"):
-        merged = AdapterMerge(base, paths, method).model()
+        merged = AdapterMerge(base, paths, method).state_dict()
         assert not torch.equal(merged["proj_in.weight"], base["proj_in.weight"]), method
         torch.testing.assert_close(merged["proj_in.bias"], base["proj_in.bias"])
 
@@ -179,5 +179,5 @@ def test_a_failed_merge_leaves_no_file(tmp_path):
     merge = AdapterMerge(TinyNet().state_dict(), [lora], "ties")
     merge.knobs["density"] = "dense"  # fails inside the merge, after the output was opened
     with pytest.raises(TypeError):
-        merge.save_model(tmp_path / "out" / "merged.pth")
+        merge.save(tmp_path / "out" / "merged.pth")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

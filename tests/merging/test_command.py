@@ -77,7 +77,7 @@ def test_adapters_merge_into_a_model_or_into_an_adapter(tmp_path, capsys):
     assert main([*common, "--output", str(tmp_path / "model.pth")]) == 0
     merge = AdapterMerge(TinyNet().state_dict(), adapters, "tsv_m")
     written = torch.load(tmp_path / "model.pth", weights_only=True)
-    for key, value in merge.model().items():
+    for key, value in merge.state_dict().items():
         torch.testing.assert_close(written[key], value)
 
     assert (
