@@ -9,7 +9,7 @@ TORCH := torch==2.11.0 torchaudio==2.11.0
 # Debian and PyPI packages of the offline speech recipe (TTS engines, voice transforms, pocketsphinx).
 RECIPE_DEPS := egs/synth_domains/asr1/local/install_deps.sh
 
-.PHONY: setup demo test lint benchmark
+.PHONY: setup demo test lint benchmark fusion-bench
 
 setup: $(STAMP)
 
@@ -33,3 +33,12 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/adapter_speed.py
+
+# Our merge methods against FusionBench's on the same tensors (tests/merging/test_fusion_bench.py),
+# in a separate environment: fusion-bench resolves beside espnet but pulls datasets, pandas, pyarrow
+# and tensorboard, which the main install does not need.
+FUSION_VENV := .venv-fusion
+fusion-bench:
+	$(PYTHON) -m venv $(FUSION_VENV)
+	$(FUSION_VENV)/bin/python -m pip install --quiet torch==2.11.0 -e '.[fusion]'
+	$(FUSION_VENV)/bin/python -m pytest -q tests/merging/test_fusion_bench.py

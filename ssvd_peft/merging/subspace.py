@@ -64,9 +64,10 @@ def iso_cts(
     while (rank - common) % count:
         common -= 1
     per_task = (rank - common) // count
-    us, vhs, values = [u[:, :common]], [vh[:common]], [s[:common]]
+    common_u = u[:, :common]
+    us, vhs, values = [common_u], [vh[:common]], [s[:common]]
     for tau in taus:
-        residual = tau - us[0] @ (us[0].T @ tau)
+        residual = tau - common_u @ (common_u.T @ tau)
         ru, rs, rvh = torch.linalg.svd(residual, full_matrices=False)
         kept = min(per_task, nonzero_rank(rs, residual.shape))
         us.insert(-1, ru[:, :kept])

@@ -146,6 +146,22 @@ def test_iso_cts_of_one_task_with_all_common_directions_is_iso_c(models):
     torch.testing.assert_close(values, values.mean().expand_as(values), rtol=1e-6, atol=1e-9)
 
 
+def test_iso_cts_adds_each_tasks_top_residual_outside_the_common_subspace(models):
+    """Spelled out for 3 tasks of 12 x 8 (r = 8) with common_fraction 0.5: k_c = 4 lowered to 2 so
+    that 3 divides 8 - k_c, then 2 directions per task from tau_t - U_c U_c^T tau_t."""
+    base, tensors = models
+    taus = [t - base for t in tensors]
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    common_u, us, vhs, values = u[:, :2], [u[:, :2]], [vh[:2]], [s[:2]]
+    for tau in taus:
+        ru, rs, rvh = torch.linalg.svd(tau - common_u @ (common_u.T @ tau), full_matrices=False)
+        us.append(ru[:, :2])
+        vhs.append(rvh[:2])
+        values.append(rs[:2])
+    expected = torch.cat(values).mean() * (polar_factor(torch.cat(us, 1)) @ polar_factor(torch.cat(vhs, 0)))
+    torch.testing.assert_close(merge("iso_cts", base, tensors, common_fraction=0.5) - base, expected)
+
+
 def orthogonal_task_vectors(count: int = 3, rank: int = 2) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Task vectors on mutually orthogonal input and output subspaces (rank ``rank`` each)."""
     generator = torch.Generator().manual_seed(3)
