@@ -53,6 +53,7 @@ from ssvd_peft.config import AdapterConfig, config_from_dict
 from ssvd_peft.errors import PeftConfigError
 from ssvd_peft.layers.base import ADAPTERS_ATTR, DEFAULT_ADAPTER, Adapter, AdapterLinear, weight_fingerprint
 from ssvd_peft.merging.engine import DEFAULT_VOCABULARY, ModelInput, merge_one
+from ssvd_peft.merging.memory import release_freed_memory
 from ssvd_peft.merging.ops import nonzero_rank
 from ssvd_peft.merging.registry import get_merge_method
 from ssvd_peft.merging.sinks import write_state_dict
@@ -224,6 +225,7 @@ class AdapterMerge:
                 yield name, self.saved_tensor(name, tensor, generator)
             else:
                 yield name, tensor
+            release_freed_memory()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The merged plain model's state dict."""

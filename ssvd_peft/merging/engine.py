@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from ssvd_peft.errors import PeftConfigError
-from ssvd_peft.merging.ops import normalised_weights, working_dtype
+from ssvd_peft.merging.memory import release_freed_memory
+from ssvd_peft.merging.ops import weighted_sum, working_dtype
 from ssvd_peft.merging.registry import MergeMethod, get_merge_method
 from ssvd_peft.merging.sinks import write_state_dict
 from ssvd_peft.merging.sources import TensorSource, TensorSpec, open_source
@@ -90,6 +91,7 @@ class ModelMerge:
         generator = torch.Generator().manual_seed(self.seed)
         for name in self.names:
             yield name, self.merged(name, generator)
+            release_freed_memory()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors())
@@ -111,13 +113,24 @@ class ModelMerge:
             return self.reference.get(name)
         if takes_mean(name, len(spec.shape), self.entry, self.vocabulary):
             return self.streamed_mean(name)
-        base = None if self.base is None else self.base.get(name)
-        tensors = [source.get(name) for source in self.sources]
-        if base is not None and self.max_change is not None:
-            check_fine_tunes(name, base, tensors, self.sources, self.max_change)
-        return merge_one(
-            name, base, tensors, self.weights, self.entry, self.knobs, self.vocabulary, generator
+        reference = self.reference.get(name)
+        dtype = working_dtype(reference)
+        models = torch.empty((len(self.sources), *spec.shape), dtype=dtype)
+        unchanged = True
+        for row, source in zip(models, self.sources, strict=True):
+            tensor = source.get(name)
+            if self.base is not None and self.max_change is not None:
+                check_fine_tunes(name, reference, [tensor], [source], self.max_change)
+            unchanged = unchanged and torch.equal(tensor, reference)
+            row.copy_(tensor)
+            del tensor
+        if unchanged:
+            return reference
+        base = None if self.base is None else reference.to(dtype)
+        merged = merge_stack(
+            name, base, models, self.weights, self.entry, self.knobs, self.vocabulary, generator
         )
+        return merged.to(reference.dtype)
 
     def streamed_mean(self, name: str) -> torch.Tensor:
         """The weighted mean of the models' tensors (theta_0 + the mean task vector), reading one
@@ -165,25 +178,33 @@ def merge_one(
     vocabulary: Sequence[str],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """One tensor by the rules of the module docstring, in its stored dtype."""
+    """One tensor, given every model's, by the rules of the module docstring, in its stored dtype."""
     reference = tensors[0] if base is None else base
     if not reference.is_floating_point() or all(torch.equal(t, reference) for t in tensors):
         return reference.clone()
-    if takes_mean(name, reference.dim(), entry, vocabulary):
-        merged = mean_of_task_vectors(base, tensors, weights)
-    else:
-        merged = entry.function(base, tensors, weights, generator=generator, **knobs)
+    dtype = working_dtype(reference)
+    models = torch.stack([tensor.to(dtype) for tensor in tensors])
+    working_base = None if base is None else base.to(dtype)
+    merged = merge_stack(name, working_base, models, weights, entry, knobs, vocabulary, generator)
     return merged.to(reference.dtype)
 
 
-def mean_of_task_vectors(
-    base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]
+def merge_stack(
+    name: str,
+    base: torch.Tensor | None,
+    models: torch.Tensor,
+    weights: list[float],
+    entry: MergeMethod,
+    knobs: dict[str, Any],
+    vocabulary: Sequence[str],
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """theta_0 + sum_t w_t tau_t / sum_t w_t, which is the weighted mean of the models (with or
-    without a base: the base cancels)."""
-    dtype = working_dtype(tensors[0])
-    stacked = torch.stack([t.to(dtype) for t in tensors])
-    return torch.einsum("t,t...->...", normalised_weights(weights, stacked), stacked)
+    """The merge of the stacked models (T, ...) in the working dtype (the method may overwrite the
+    stack): the weighted mean where the tensor rules say so, else the method."""
+    w = torch.tensor(weights, dtype=models.dtype)
+    if takes_mean(name, models.dim() - 1, entry, vocabulary):
+        return weighted_sum(w / w.sum(), models)
+    return entry.function(base, models, w, generator=generator, **knobs)
 
 
 def merge_models(

@@ -1,5 +1,6 @@
 """Tensor operations the merge methods share: precision, task vectors, sparsifiers, sign election,
-polar factors."""
+polar factors. Operations on a stack of T tensors work in place or row by row, so a merge holds
+the stack and a few tensors of one model's size, never several stacks."""
 
 from __future__ import annotations
 
@@ -13,43 +14,47 @@ def working_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def task_vectors(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """tau_t = theta_t - theta_0, in the working dtype."""
-    dtype = working_dtype(base)
-    zero = base.to(dtype)
-    return [tensor.to(dtype) - zero for tensor in tensors]
+def as_task_vectors(base: torch.Tensor, models: torch.Tensor) -> torch.Tensor:
+    """tau_t = theta_t - theta_0 for the stacked models (T, ...), computed in place."""
+    return models.sub_(base)
 
 
-def normalised_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
-    """w_t / sum_t w_t as a tensor of the dtype and device of ``like``."""
-    w = torch.tensor(weights, dtype=like.dtype, device=like.device)
-    return w / w.sum()
+def weighted_sum(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t x_t of stacked tensors (T, ...), without a (T, ...) temporary."""
+    return torch.tensordot(weights, stacked, dims=1)
 
 
 def dare(tau: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
     """DARE (Yu et al., 2024, arXiv 2311.03099): keep each entry with probability 1 - p and divide the
-    kept ones by 1 - p, so the expectation is tau. ``generator`` makes it reproducible."""
+    kept ones by 1 - p, so the expectation is tau. ``generator`` makes it reproducible. In place."""
     if drop <= 0.0:
         return tau
     keep = torch.rand(tau.shape, generator=generator, dtype=tau.dtype, device="cpu") >= drop
-    return torch.where(keep.to(tau.device), tau / (1.0 - drop), torch.zeros_like(tau))
+    return tau.mul_(keep.to(tau.device)).div_(1.0 - drop)
+
+
+def dare_rows(taus: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE on every task vector of the stack (T, ...), one after the other, in place."""
+    for tau in taus:
+        dare(tau, drop, generator)
+    return taus
 
 
 def trim_to_top(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """tau with all but its top ``density`` fraction of entries (by magnitude) set to 0."""
+    """tau with all but its top ``density`` fraction of entries (by magnitude) set to 0, in place."""
     if density >= 1.0:
         return tau
     count = round(density * tau.numel())
     if count <= 0:
-        return torch.zeros_like(tau)
-    threshold = tau.abs().flatten().kthvalue(tau.numel() - count + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+        return tau.zero_()
+    magnitude = tau.abs()
+    threshold = magnitude.flatten().kthvalue(tau.numel() - count + 1).values
+    return tau.mul_(magnitude >= threshold)
 
 
-def elected_sign(taus: list[torch.Tensor]) -> torch.Tensor:
-    """gamma = sign(sum_t tau_t) per entry; an entry whose sum is 0 takes the sign of the tensor's
-    total (+1 if that is 0 too)."""
-    total = torch.stack(taus).sum(0)
+def elected_sign(total: torch.Tensor) -> torch.Tensor:
+    """gamma = sign(total) per entry, for total = sum_t tau_t (trimmed); an entry whose sum is 0 takes
+    the sign of the tensor's total (+1 if that is 0 too)."""
     overall = 1.0 if float(total.sum()) >= 0 else -1.0
     sign = total.sign()
     return torch.where(sign == 0, torch.full_like(sign, overall), sign)
@@ -86,9 +91,3 @@ def polar_factor(matrix: torch.Tensor, method: str = "svd", steps: int = 5) -> t
         x = a * x + (b * gram + c * gram @ gram) @ x
     x = x.to(matrix.dtype)
     return x.T if tall else x
-
-
-def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> / (||a|| ||b||) of the flattened tensors (0 if either is 0)."""
-    norms = a.norm() * b.norm()
-    return float((a.flatten() @ b.flatten()) / norms) if float(norms) > 0 else 0.0

@@ -1,11 +1,12 @@
 """The table of merge methods: each a per-tensor function, registered by name with its knobs.
 
     @merge_method("task_arithmetic", knobs={"scaling": 1.0, "dare_drop": 0.0}, needs_base=True)
-    def task_arithmetic(base, tensors, weights, *, scaling, dare_drop, generator): ...
+    def task_arithmetic(base, models, weights, *, scaling, dare_drop, generator): ...
 
-A method sees one named tensor at a time: the base's (None for a method that needs none), one
-per model, and the per-model weights; it returns the merged tensor. Computation is in float32
-(float64 for float64 tensors); the engine casts the result back to the stored dtype. ``subspace``
+A method sees one named tensor at a time: the base's (None for a method that needs none), the
+models' stacked (T, ...) and the per-model weights (T,); it returns the merged tensor and may
+overwrite the stack (so task vectors take no second stack). Computation is in float32 (float64 for
+float64 tensors); the engine casts the result back to the stored dtype. ``subspace``
 marks the methods that act on a 2-D weight through its singular vectors (every other tensor takes
 the mean of the task vectors, by the tensor rules of ``ssvd_peft.merging.rules``).
 """
@@ -26,7 +27,7 @@ TensorMerge = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """name; function(base, tensors, weights, *, generator, **knobs); knobs with their defaults;
+    """name; function(base, models, weights, *, generator, **knobs); knobs with their defaults;
     needs_base: works on task vectors theta_t - theta_0; subspace: works through an SVD of 2-D weights."""
 
     name: str

@@ -12,37 +12,43 @@ from __future__ import annotations
 
 import torch
 
-from ssvd_peft.merging.ops import elected_sign, nonzero_rank, polar_factor, task_vectors, trim_to_top
+from ssvd_peft.merging.ops import (
+    as_task_vectors,
+    elected_sign,
+    nonzero_rank,
+    polar_factor,
+    trim_to_top,
+    weighted_sum,
+)
 from ssvd_peft.merging.registry import merge_method
 
 POLAR_METHODS = ("svd", "newton_schulz")
 
 
-def weighted_task_vectors(
-    base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]
-) -> list[torch.Tensor]:
-    return [w * tau for w, tau in zip(weights, task_vectors(base, tensors), strict=True)]
+def weighted_task_vectors(base: torch.Tensor, models: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """w_t tau_t for the stacked models, in place."""
+    return as_task_vectors(base, models).mul_(weights[:, None, None])
 
 
 @merge_method("iso_c", knobs={"scaling": 1.0}, subspace=True)
 def iso_c(
-    base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *, scaling: float, **_: object
+    base: torch.Tensor, models: torch.Tensor, weights: torch.Tensor, *, scaling: float, **_: object
 ) -> torch.Tensor:
     """Iso-C (Marczak et al., 2025, arXiv 2502.04959): D = sum_t w_t tau_t = U diag(s) Vh;
     tau = mean(s) U Vh, the same directions with a flat spectrum."""
-    total = torch.stack(weighted_task_vectors(base, tensors, weights)).sum(0)
+    total = weighted_sum(weights, as_task_vectors(base, models))
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     rank = nonzero_rank(s, total.shape)
     if rank == 0:
-        return base.to(total.dtype).clone()
-    return base.to(total.dtype) + scaling * s[:rank].mean() * (u[:, :rank] @ vh[:rank])
+        return base.clone()
+    return base + scaling * s[:rank].mean() * (u[:, :rank] @ vh[:rank])
 
 
 @merge_method("iso_cts", knobs={"scaling": 1.0, "common_fraction": 0.8}, subspace=True)
 def iso_cts(
     base: torch.Tensor,
-    tensors: list[torch.Tensor],
-    weights: list[float],
+    models: torch.Tensor,
+    weights: torch.Tensor,
     *,
     scaling: float,
     common_fraction: float,
@@ -54,12 +60,12 @@ def iso_cts(
     each task adds the top d triplets of its residual R_t = tau_t - U_c U_c^T tau_t. The stacked
     [U_1 .. U_T, U_c] and [Vh_1; ..; Vh_T; Vh_c] are orthogonalised (polar factor) and every singular
     value set to the mean of the kept ones."""
-    taus = weighted_task_vectors(base, tensors, weights)
-    total = torch.stack(taus).sum(0)
+    taus = weighted_task_vectors(base, models, weights)
+    total = taus.sum(0)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    count, rank = len(taus), nonzero_rank(s, total.shape)
+    count, rank = taus.shape[0], nonzero_rank(s, total.shape)
     if rank == 0:
-        return base.to(total.dtype).clone()
+        return base.clone()
     common = min(rank, round(rank * common_fraction))
     while (rank - common) % count:
         common -= 1
@@ -75,12 +81,11 @@ def iso_cts(
         values.insert(-1, rs[:kept])
     left = polar_factor(torch.cat(us, dim=1))
     right = polar_factor(torch.cat(vhs, dim=0))
-    merged = torch.cat(values).mean() * (left @ right)
-    return base.to(merged.dtype) + scaling * merged
+    return base + scaling * torch.cat(values).mean() * (left @ right)
 
 
 def task_singular_vectors(
-    taus: list[torch.Tensor], keep: float | None, boost: float | None
+    taus: torch.Tensor, keep: float | None, boost: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top k_t = floor(r_t keep) triplets of every tau_t (at least 1; keep default 1 / T; r_t the
     rank of tau_t), side by side: (U stack: out x sum k_t, s stack, Vh stack: sum k_t x in); with
@@ -103,7 +108,7 @@ def task_singular_vectors(
     return torch.cat(us, dim=1), torch.cat(values), torch.cat(vhs, dim=0)
 
 
-def tsv_merge(taus: list[torch.Tensor], keep: float | None, boost: float | None, polar: str) -> torch.Tensor:
+def tsv_merge(taus: torch.Tensor, keep: float | None, boost: float | None, polar: str) -> torch.Tensor:
     if polar not in POLAR_METHODS:
         raise ValueError(f"polar must be one of {', '.join(POLAR_METHODS)}; got {polar!r}")
     u, s, vh = task_singular_vectors(taus, keep, boost)
@@ -115,8 +120,8 @@ def tsv_merge(taus: list[torch.Tensor], keep: float | None, boost: float | None,
 @merge_method("tsv_m", knobs={"scaling": 1.0, "keep": None, "polar": "svd"}, subspace=True)
 def tsv_m(
     base: torch.Tensor,
-    tensors: list[torch.Tensor],
-    weights: list[float],
+    models: torch.Tensor,
+    weights: torch.Tensor,
     *,
     scaling: float,
     keep: float | None,
@@ -127,8 +132,8 @@ def tsv_m(
     SVD(w_t tau_t) (``keep`` default 1 / T), stack the U's as columns, the s's, the Vh's as rows;
     tau = polar(U stack) diag(s stack) polar(Vh stack), the polar factor by ``svd`` or
     ``newton_schulz`` (the seed paper's stable variant)."""
-    taus = weighted_task_vectors(base, tensors, weights)
-    return base.to(taus[0].dtype) + scaling * tsv_merge(taus, keep, None, polar)
+    taus = weighted_task_vectors(base, models, weights)
+    return base + scaling * tsv_merge(taus, keep, None, polar)
 
 
 @merge_method(
@@ -136,8 +141,8 @@ def tsv_m(
 )
 def boosted_tsv_m(
     base: torch.Tensor,
-    tensors: list[torch.Tensor],
-    weights: list[float],
+    models: torch.Tensor,
+    weights: torch.Tensor,
     *,
     scaling: float,
     keep: float | None,
@@ -149,15 +154,15 @@ def boosted_tsv_m(
     after lifting each task's kept singular values to a floor, s'_i = max(s_i, s_{j*}), j* the first
     index whose cumulative energy sum_{i <= j} s_i^2 / sum_i s_i^2 reaches ``beta`` (beta = 1 is
     TSV-M); smaller beta boosts more directions."""
-    taus = weighted_task_vectors(base, tensors, weights)
-    return base.to(taus[0].dtype) + scaling * tsv_merge(taus, keep, beta, polar)
+    taus = weighted_task_vectors(base, models, weights)
+    return base + scaling * tsv_merge(taus, keep, beta, polar)
 
 
 @merge_method("knots", knobs={"scaling": 1.0, "density": 1.0}, subspace=True)
 def knots(
     base: torch.Tensor,
-    tensors: list[torch.Tensor],
-    weights: list[float],
+    models: torch.Tensor,
+    weights: torch.Tensor,
     *,
     scaling: float,
     density: float,
@@ -167,12 +172,17 @@ def knots(
     side along the input axis, [w_1 tau_1 | .. | w_T tau_T] = U diag(s) [Z_1 | .. | Z_T] / s, so every
     tau_t = U (diag(s) Z_t); merge the aligned blocks diag(s) Z_t with TIES (``density``) and map back:
     tau = U merged."""
-    taus = weighted_task_vectors(base, tensors, weights)
-    width = taus[0].shape[1]
-    u, s, vh = torch.linalg.svd(torch.cat(taus, dim=1), full_matrices=False)
-    blocks = [(s[:, None] * vh)[:, t * width : (t + 1) * width] for t in range(len(taus))]
-    trimmed = torch.stack([trim_to_top(block, density) for block in blocks])
-    gamma = elected_sign(list(trimmed))
-    agree = ((trimmed.sign() == gamma) & (trimmed != 0)).to(trimmed.dtype)
-    merged = (agree * trimmed).sum(0) / agree.sum(0).clamp_min(1.0)
-    return base.to(merged.dtype) + scaling * (u @ merged)
+    taus = weighted_task_vectors(base, models, weights)
+    count, width = taus.shape[0], taus.shape[2]
+    u, s, vh = torch.linalg.svd(taus.permute(1, 0, 2).reshape(taus.shape[1], -1), full_matrices=False)
+    blocks = (s[:, None] * vh).reshape(-1, count, width).permute(1, 0, 2)
+    for block in blocks:
+        trim_to_top(block, density)
+    gamma = elected_sign(blocks.sum(0))
+    numerator = torch.zeros_like(gamma)
+    denominator = torch.zeros_like(gamma)
+    for block in blocks:
+        agree = (block.sign() == gamma).to(block.dtype)
+        numerator.addcmul_(agree, block)
+        denominator.add_(agree)
+    return base + scaling * (u @ numerator.div_(denominator.clamp_min_(1.0)))

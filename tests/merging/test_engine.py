@@ -70,8 +70,8 @@ def test_subspace_methods_take_the_task_vector_mean_off_2d_weights_and_on_the_vo
         torch.testing.assert_close(merged[key], task_vector_mean(base, models, key))
     method = get_merge_method("tsv_m")
     direct = method.function(
-        base["encoder.linear.weight"], [m["encoder.linear.weight"] for m in models], [1.0] * 3,
-        generator=torch.Generator(), **method.resolved_knobs({}),
+        base["encoder.linear.weight"].clone(), torch.stack([m["encoder.linear.weight"] for m in models]),
+        torch.ones(3), generator=torch.Generator(), **method.resolved_knobs({}),
     )  # fmt: skip
     torch.testing.assert_close(merged["encoder.linear.weight"], direct)
     own = merge_models(base, models, "tsv_m", vocabulary=[])

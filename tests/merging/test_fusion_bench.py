@@ -85,11 +85,12 @@ EXACT = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def ours(name, base, tensors, seed=0, **knobs):
+    """Our method as the engine calls it: the models stacked, weights 1."""
     method = get_merge_method(name)
     return method.function(
-        base,
-        tensors,
-        [1.0] * len(tensors),
+        base.clone(),
+        torch.stack(tensors),
+        torch.ones(len(tensors), dtype=base.dtype),
         generator=torch.Generator().manual_seed(seed),
         **method.resolved_knobs(knobs),
     )
@@ -241,7 +242,7 @@ def test_dare_masks_are_shared_under_one_seed_and_match_exactly(drop):
     taus = task_vectors(base, tensors)
     theirs = fusion_bench_dropped(taus, drop, seed=7)
     generator = torch.Generator().manual_seed(7)
-    mine = [dare(tau, drop, generator) for tau in taus]
+    mine = [dare(tau.clone(), drop, generator) for tau in taus]
     for a, b in zip(mine, theirs, strict=True):
         assert torch.equal(a == 0, b == 0)
         torch.testing.assert_close(a, b, **EXACT)
@@ -279,7 +280,7 @@ def test_dare_statistics_agree_under_independent_seeds():
     drop, draws = 0.6, 200
     theirs = torch.stack(fusion_bench_dropped([tau] * draws, drop, seed=1))
     generator = torch.Generator().manual_seed(2)
-    mine = torch.stack([dare(tau, drop, generator) for _ in range(draws)])
+    mine = torch.stack([dare(tau.clone(), drop, generator) for _ in range(draws)])
     n = theirs.numel()
     sigma = math.sqrt(drop * (1 - drop) / n)
     for sample in (theirs, mine):
