@@ -15,10 +15,18 @@ state dict is checked against the stock task's model built from it), ``model.pth
 ``merge.yaml`` (what was merged, how, and with ``search`` the grid and the choice). The model is
 written as it is merged, tensor by tensor.
 
+``as_adapter`` (``lora``, ``ssvd_core`` or ``auto``; adapter inputs only) keeps the merge as an
+adapter instead (``AdapterMerge.adapter``; ``rank``: the LoRA form's rank): the output directory is
+then an adapter experiment of the base, ``config.yaml`` = the base's config with a peft block
+(``peft_pretrained`` = the base's model file) and ``model.pth`` the adapter-only model file, which
+the plugin's inference decodes (``--peft_merge true`` folds it) and ``load_adapter`` opens;
+``merge.yaml`` adds the form and, for the LoRA form, its reconstruction error.
+
 ``search``: {knob: [values]} tried on dev data before anything is written: each point of the grid
 is merged in memory and scored by the model's token accuracy on ``dev_data`` (the loss when the
-model has no attention decoder: higher -loss is better); the best point is written, and the grid
-with every score goes into ``merge.yaml``. Test data is for after the choice.
+model has no attention decoder: higher -loss is better), in the form that is written (a kept
+adapter is scored as that adapter on the base); the best point is written, and the grid with every
+score goes into ``merge.yaml``. Test data is for after the choice.
 """
 
 from __future__ import annotations
@@ -38,9 +46,12 @@ from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
 
 from espnet_plugins.export import CONFIG_FILE, MODEL_FILE, check_stock_keys
 from espnet_plugins.options import without_peft_options
+from espnet_plugins.state import read_model_file
+from ssvd_peft.checkpoint import load_adapter
 from ssvd_peft.errors import PeftConfigError
 from ssvd_peft.files import atomic_write
-from ssvd_peft.merging.adapters import AdapterMerge
+from ssvd_peft.inject import unload
+from ssvd_peft.merging.adapters import FORMS, AdapterMerge, MergedAdapter
 from ssvd_peft.merging.engine import ModelMerge
 from ssvd_peft.merging.registry import get_merge_method
 
@@ -54,6 +65,7 @@ MODEL_FILES = (
     MODEL_FILE,
 )
 RECORD_FILE = "merge.yaml"
+AUTO_FORM = "auto"
 
 
 @dataclass
@@ -99,9 +111,17 @@ class MergeRequest:
     knobs: dict[str, Any]
     weights: list[float] | None = None
     seed: int = 0
+    as_adapter: str | None = None
+    rank: int | None = None
 
     def check(self) -> None:
         get_merge_method(self.method).resolved_knobs(self.knobs)
+        if self.as_adapter is not None and self.as_adapter not in (*FORMS, AUTO_FORM):
+            raise PeftConfigError(
+                f"as_adapter is one of {', '.join((*FORMS, AUTO_FORM))}; got {self.as_adapter!r}"
+            )
+        if self.rank is not None and self.as_adapter is None:
+            raise PeftConfigError("rank is the rank of a merge kept as a LoRA: give as_adapter lora too")
         if not self.experiments:
             raise PeftConfigError(
                 "merging needs at least one experiment; the list of experiment dirs is empty"
@@ -118,6 +138,16 @@ class MergeRequest:
                 f"the experiments mix adapters ({', '.join(adapters)}) and full fine-tunes; merge each kind "
                 "on its own, or fold the adapters first (espnet_plugins.bin.export_merged)"
             )
+        if self.as_adapter is not None and kinds != {True}:
+            raise PeftConfigError(
+                "as_adapter keeps a merge of adapters as an adapter; these experiments are full "
+                "fine-tunes: leave it out to write a merged model"
+            )
+
+    def kept_adapter(self, knobs: dict[str, Any]) -> MergedAdapter:
+        """The merge with ``knobs`` kept as an adapter of the requested form."""
+        form = None if self.as_adapter == AUTO_FORM else self.as_adapter
+        return self.merge(knobs).adapter(form, self.rank)
 
     def merge(self, knobs: dict[str, Any]) -> ModelMerge | AdapterMerge:
         """The merge with ``knobs``: ``specs()``, ``state_dict()``, ``save(path)``."""
@@ -154,6 +184,8 @@ def merge_experiments(
     base_model_file: str | None = None,
     search: dict[str, list[Any]] | None = None,
     dev_data: Sequence[str] | None = None,
+    as_adapter: str | None = None,
+    rank: int | None = None,
 ) -> Path:
     """Merge and write an ESPnet model directory (see the module docstring); its path."""
     request = MergeRequest(
@@ -163,6 +195,8 @@ def merge_experiments(
         dict(knobs or {}),
         None if weights is None else [float(w) for w in weights],
         seed,
+        as_adapter,
+        rank,
     )
     request.check()
     config = without_peft_options(request.base.config)
@@ -181,16 +215,47 @@ def merge_experiments(
             "chosen": best,
         }
     start = time.perf_counter()
-    merge = request.merge(chosen)
-    check_stock_keys(task, config, merge.specs())
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    merge.save(output_dir / MODEL_FILE)
-    record = {**request.record(chosen), "seconds": round(time.perf_counter() - start, 2), **record}
+    if request.as_adapter is None:
+        merge = request.merge(chosen)
+        check_stock_keys(task, config, merge.specs())
+        output_dir.mkdir(parents=True, exist_ok=True)
+        merge.save(output_dir / MODEL_FILE)
+        kept: dict[str, Any] = {}
+    else:
+        merged = request.kept_adapter(chosen)
+        config = adapter_experiment_config(request.base, config, merged)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_model_file(merged.file.tensors, output_dir / MODEL_FILE)
+        kept = {"kept_as": {"form": merged.file.method, "rank": request.rank}}
+        if merged.error is not None:
+            kept["kept_as"]["reconstruction_error"] = round(merged.error, 6)
+    record = {**request.record(chosen), **kept, "seconds": round(time.perf_counter() - start, 2), **record}
     write_yaml(output_dir / CONFIG_FILE, config)
     write_yaml(output_dir / RECORD_FILE, record)
     logger.info("Wrote the merged model to %s", output_dir)
     return output_dir
+
+
+def adapter_experiment_config(
+    base: Experiment, config: dict[str, Any], merged: MergedAdapter
+) -> dict[str, Any]:
+    """The config.yaml of a merge kept as an adapter: the base's config (``config``) and a peft
+    block on top of the base's model file."""
+    block: dict[str, Any] = {
+        "peft": merged.file.method,
+        "peft_conf": merged.file.config,
+        "peft_pretrained": str(base.model_file.resolve()),
+        "peft_save": "adapter",
+    }
+    if merged.file.modules_to_save:
+        block["peft_modules_to_save"] = list(merged.file.modules_to_save)
+    return {**config, **block}
+
+
+def save_model_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """An ESPnet model file (a flat state dict), written atomically."""
+    atomic_write(path, lambda temporary: torch.save(tensors, temporary))
 
 
 def write_yaml(path: Path, values: dict[str, Any]) -> None:
@@ -213,11 +278,20 @@ def search_grid(
     args = argparse.Namespace(**config)
     model = task.build_model(args)
     model.eval()
+    if request.as_adapter is not None:
+        model.load_state_dict(read_model_file(request.base.model_file, "the base model file"))
     rows = []
     for values in itertools.product(*search.values()):
         point = dict(zip(search, values, strict=True))
-        model.load_state_dict(request.merge({**request.knobs, **point}).state_dict())
-        metric, score = dev_score(task, model, args, dev_data)
+        knobs = {**request.knobs, **point}
+        if request.as_adapter is None:
+            model.load_state_dict(request.merge(knobs).state_dict())
+            metric, score = dev_score(task, model, args, dev_data)
+        else:
+            load_adapter(model, request.kept_adapter(knobs).file)
+            model.eval()
+            metric, score = dev_score(task, model, args, dev_data)
+            unload(model)
         rows.append({"knobs": point, "metric": metric, "score": round(score, 6)})
         logger.info("search %s: dev %s %.4f", point, metric, score)
     return rows

@@ -66,23 +66,25 @@ def save_adapter(
 
 def load_adapter(
     model: nn.Module,
-    path: str | Path,
+    path: str | Path | AdapterFile,
     adapter_name: str = DEFAULT_ADAPTER,
     config_file: str | Path | None = None,
 ) -> InjectionReport:
-    """Inject the adapter stored at ``path`` into ``model`` (its base model) and load its entries.
+    """Inject the adapter stored at ``path`` (or an adapter file already read, e.g. a merged one)
+    into ``model`` (its base model) and load its entries.
 
     ``config_file``: the experiment's config.yaml of an ESPnet model file, when it is not next to it.
     """
-    adapter = read_adapter_file(path, config_file)
-    check_base_model(model, adapter.fingerprints, str(path))
+    adapter = path if isinstance(path, AdapterFile) else read_adapter_file(path, config_file)
+    source = f"the {adapter.method} adapter given" if isinstance(path, AdapterFile) else str(path)
+    check_base_model(model, adapter.fingerprints, source)
     config = config_from_dict(adapter.method, adapter.config)
     report = inject_adapters(model, config, adapter_name)
     try:
         if adapter.model_part is not None and model_part(model, adapter_name) is None:
             get_method(adapter.method).model_part.restore(model, adapter_name, adapter.model_part)
         entries = renamed_adapter(adapter.tensors, adapter.adapter_name, adapter_name)
-        load_adapter_entries(model, entries, adapter.modules_to_save, str(path), adapter_name)
+        load_adapter_entries(model, entries, adapter.modules_to_save, source, adapter_name)
     except AdapterCheckpointError:
         delete_adapter(model, adapter_name)
         raise

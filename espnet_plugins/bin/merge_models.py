@@ -9,6 +9,15 @@ pretrained model into one ordinary ESPnet model directory that stock inference d
         --output_dir exp/asr_merged
     % python -m espnet2.bin.asr_inference --asr_train_config exp/asr_merged/config.yaml \\
         --asr_model_file exp/asr_merged/model.pth ...
+
+With --as_adapter (adapter experiments only) the merge stays an adapter: the output dir is an
+adapter experiment of the base that the plugin decodes:
+
+    % python -m espnet_plugins.bin.merge_models --base_dir exp/asr_base \\
+        --exp_dirs exp/ssvd_accent exp/ssvd_child --method ties --as_adapter ssvd_core \\
+        --output_dir exp/ssvd_merged
+    % python -m espnet_plugins.bin.asr_inference --asr_train_config exp/ssvd_merged/config.yaml \\
+        --asr_model_file exp/ssvd_merged/model.pth --peft_merge true ...
 """
 
 import argparse
@@ -60,6 +69,14 @@ def get_parser():
         default=[],
         help="path,name,type of the dev data (repeatable, as ESPnet's data_path_and_name_and_type)",
     )
+    parser.add_argument(
+        "--as_adapter",
+        choices=("lora", "ssvd_core", "auto"),
+        default=None,
+        help="keep a merge of adapters as an adapter experiment of this form (auto: ssvd_core for "
+        "SSVD-family inputs, else lora) instead of folding it into the model",
+    )
+    parser.add_argument("--rank", type=int, default=None, help="rank of the merged LoRA (--as_adapter lora)")
     parser.add_argument("--output_dir", required=True, help="where config.yaml, model.pth, merge.yaml go")
     parser.add_argument(
         "--log_level", default="INFO", choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -87,6 +104,8 @@ def main(cmd=None):
             base_model_file=args.base_model_file,
             search=parse_grid(args.search),
             dev_data=args.dev_data,
+            as_adapter=args.as_adapter,
+            rank=args.rank,
         )
     except PeftConfigError as error:
         sys.exit(f"merge_models: error: {error}")

@@ -21,6 +21,7 @@ from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 pytest.importorskip("espnet2")
 
 from espnet_plugins.bin import merge_models
+from ssvd_peft.layers.base import ADAPTERS_ATTR
 from ssvd_peft.merging import AdapterMerge
 from ssvd_peft.merging import merge_models as merge_state_dicts
 
@@ -94,9 +95,12 @@ def run_merge(work: Path, base: Path, exps: list[Path], output: str, *extra: str
     return output_dir
 
 
-def character_error_rate(work: Path, config: Path, model: Path, name: str) -> float:
-    """CER of stock ESPnet inference on the joint test set (every utterance must be decoded)."""
-    hypotheses = decode(work, "espnet2.bin.asr_inference", config, model, name, work / "data" / "test")
+def character_error_rate(
+    work: Path, config: Path, model: Path, name: str, module: str = "espnet2.bin.asr_inference", *extra: str
+) -> float:
+    """CER of ``module`` (default: stock ESPnet inference) on the joint test set (every utterance must
+    be decoded)."""
+    hypotheses = decode(work, module, config, model, name, work / "data" / "test", *extra)
     references = read_text_file(work / "data" / "test" / "text")
     assert hypotheses.keys() == references.keys()
     assert all(set(text) <= set(CHARACTERS) for text in hypotheses.values())
@@ -170,26 +174,77 @@ def test_a_grid_search_on_dev_data_picks_the_knob_and_writes_its_merge(work, bas
     assert all(torch.equal(state[key], expected[key]) for key in expected)
 
 
+def test_adapters_merged_in_their_subspace_stay_an_adapter_that_the_plugin_decodes(
+    work, base, experiments, base_error
+):
+    dev = work / "data" / "dev"
+    dev_data = ["--dev_data", f"{dev}/wav.scp,speech,sound", "--dev_data", f"{dev}/text,text,text"]
+    exps = experiments["ssvd_o"]
+    merged = run_merge(
+        work, base, exps, "kept_ssvd_core", "--method", "task_arithmetic", "--as_adapter", "ssvd_core",
+        "--search", "scaling=0.5,1.0", *dev_data,
+    )  # fmt: skip
+    config = yaml.safe_load((merged / "config.yaml").read_text())
+    record = yaml.safe_load((merged / "merge.yaml").read_text())
+    assert config["peft"] == "ssvd_core" and config["peft_pretrained"] == str(
+        (base / "valid.acc.ave.pth").resolve()
+    )
+    assert record["kept_as"]["form"] == "ssvd_core" and len(record["search"]["grid"]) == 2
+    scaling = record["knobs"]["scaling"]
+
+    # Folded into the base, the kept adapter is the dense merge of the same updates (TA commutes with
+    # the shared U_k . V_k^T); the model file holds the adapter entries only.
+    model_file = torch.load(merged / "model.pth", weights_only=True)
+    assert all(f".{ADAPTERS_ATTR}." in key or key.endswith("base_fingerprint") for key in model_file)
+    files = [exp / "valid.acc.ave.pth" for exp in exps]
+    dense = AdapterMerge(base / "valid.acc.ave.pth", files, "task_arithmetic", scaling=scaling).state_dict()
+    folded = folded_state(base, merged)
+    assert folded.keys() == dense.keys()
+    for key in dense:
+        torch.testing.assert_close(folded[key], dense[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    merged_error = character_error_rate(
+        work, merged / "config.yaml", merged / "model.pth", "kept_ssvd_core",
+        "espnet_plugins.bin.asr_inference", "--peft_merge", "true",
+    )  # fmt: skip
+    assert merged_error < base_error, (merged_error, base_error)
+
+    as_lora = run_merge(
+        work, base, exps, "kept_lora", "--method", "ties", "--as_adapter", "lora", "--rank", "2"
+    )
+    lora_record = yaml.safe_load((as_lora / "merge.yaml").read_text())
+    assert lora_record["kept_as"]["form"] == "lora" and lora_record["kept_as"]["rank"] == 2
+    assert 0.0 < lora_record["kept_as"]["reconstruction_error"] < 1.0
+
+
+def folded_state(base: Path, merged: Path) -> dict[str, torch.Tensor]:
+    """The state dict of the base model with the merged adapter experiment loaded and folded in."""
+    import argparse
+
+    from espnet_plugins.tasks.asr import PeftASRTask
+    from ssvd_peft.checkpoint import load_adapter
+    from ssvd_peft.inject import merge_and_unload
+
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    model = PeftASRTask.build_model(argparse.Namespace(**config))
+    model.load_state_dict(torch.load(base / "valid.acc.ave.pth", weights_only=True))
+    load_adapter(model, merged / "model.pth")
+    return merge_and_unload(model).state_dict()
+
+
 def test_bad_merges_exit_with_one_message_and_write_nothing(work, base, experiments, capsys):
+    full, adapters = list(map(str, experiments["full"])), list(map(str, experiments["ssvd_o"]))
     cases = [
-        ([*map(str, experiments["full"]), str(experiments["ssvd_o"][0])], "mix adapters"),
-        ([str(work / "data")], "is not an ESPnet experiment directory"),
+        ([*full, adapters[0]], [], "mix adapters"),
+        ([str(work / "data")], [], "is not an ESPnet experiment directory"),
+        (full, ["--as_adapter", "lora"], "these experiments are full fine-tunes"),
+        (adapters, ["--rank", "2"], "give as_adapter lora too"),
     ]
-    for exps, message in cases:
+    for exps, extra, message in cases:
         output = work / "exp" / "refused"
+        args = ["--base_dir", str(base), "--exp_dirs", *exps, "--method", "ties", "--output_dir", str(output)]
         with pytest.raises(SystemExit, match=message):
-            merge_models.main(
-                [
-                    "--base_dir",
-                    str(base),
-                    "--exp_dirs",
-                    *exps,
-                    "--method",
-                    "ties",
-                    "--output_dir",
-                    str(output),
-                ]
-            )
+            merge_models.main([*args, *extra])
         assert not output.exists()
     with pytest.raises(SystemExit, match="adapter experiment; give the directory of the pretrained model"):
         merge_models.main(
