@@ -19,6 +19,7 @@ import soundfile as sf
 RECIPE = Path(__file__).resolve().parents[2] / "egs" / "synth_domains" / "asr1"
 sys.path.insert(0, str(RECIPE / "local"))
 
+import channel  # noqa: E402
 import make_data_dirs  # noqa: E402
 import noise  # noqa: E402
 import pocketsphinx_check  # noqa: E402
@@ -28,6 +29,7 @@ import voice_transforms  # noqa: E402
 
 KALDI_FILES = ("wav.scp", "text", "utt2spk", "spk2utt", "utt2domain")
 TARGETS = ("accent", "child", "noisy")
+OUT_OF_DISTRIBUTION = ("phone",)
 TOOLS = ("flite", "text2wave", "espeak-ng")
 
 
@@ -71,6 +73,7 @@ def sentences(data_dir: Path) -> set[str]:
 def test_every_profile_split_has_a_data_dir(splits: dict[str, Path]) -> None:
     expected = {"source_train", "source_dev", "source_test"}
     expected |= {f"{domain}_{role}" for domain in TARGETS for role in ("adapt", "dev", "test")}
+    expected |= {f"{domain}_test" for domain in OUT_OF_DISTRIBUTION}
     assert set(splits) == expected
 
 
@@ -101,8 +104,56 @@ def test_wavs_are_16k_mono_speech(splits: dict[str, Path]) -> None:
 def test_target_voices_are_disjoint_from_source_voices(splits: dict[str, Path]) -> None:
     source = set().union(*(speakers(d) for n, d in splits.items() if n.startswith("source_")))
     for name, data_dir in splits.items():
-        if not name.startswith("source_"):
+        if name.split("_")[0] in TARGETS:
             assert not speakers(data_dir) & source, name
+
+
+def test_out_of_distribution_domains_are_tested_only_on_voices_no_adaptation_heard(
+    recipe_root: Path, splits: dict[str, Path]
+) -> None:
+    data = recipe_root / "data"
+    assert (data / "ood_domains.txt").read_text().split() == list(OUT_OF_DISTRIBUTION)
+    assert (data / "target_domains.txt").read_text().split() == list(TARGETS)
+    adaptation = set().union(
+        *(speakers(d) for n, d in splits.items() if n.split("_")[0] in TARGETS and not n.endswith("_test"))
+    )
+    for domain in OUT_OF_DISTRIBUTION:
+        assert not any(name.startswith(f"{domain}_") for name in splits if not name.endswith("_test"))
+        assert speakers(splits[f"{domain}_test"]) and not speakers(splits[f"{domain}_test"]) & adaptation
+
+
+def band_energy_db(audio: np.ndarray, rate: int, low: float, high: float) -> float:
+    spectrum = np.abs(np.fft.rfft(audio)) ** 2
+    frequencies = np.fft.rfftfreq(audio.size, 1.0 / rate)
+    return float(10 * np.log10(spectrum[(frequencies >= low) & (frequencies < high)].sum() + 1e-20))
+
+
+def test_the_telephone_channel_keeps_the_voice_band_and_removes_the_rest() -> None:
+    rate = 16000
+    noise_in = np.random.default_rng(0).standard_normal(rate).astype(np.float32) * 0.1
+    line = channel.telephone(noise_in, rate)
+    assert line.shape == noise_in.shape and line.dtype == np.float32
+    assert np.array_equal(line, channel.telephone(noise_in, rate))
+    in_band = band_energy_db(line, rate, 500.0, 3000.0) - band_energy_db(noise_in, rate, 500.0, 3000.0)
+    above = band_energy_db(line, rate, 4500.0, 8000.0) - band_energy_db(noise_in, rate, 4500.0, 8000.0)
+    below = band_energy_db(line, rate, 20.0, 150.0) - band_energy_db(noise_in, rate, 20.0, 150.0)
+    assert abs(in_band) < 3.0 and above < -40.0 and below < -10.0, (in_band, above, below)
+    with pytest.raises(ValueError, match="band_hz"):
+        channel.telephone(noise_in, rate, band_hz=(300.0, 4200.0))
+
+
+def test_mu_law_keeps_8_bit_codes_with_a_relative_error_under_a_few_percent() -> None:
+    levels = np.linspace(-1.0, 1.0, 10001)
+    coded = channel.mulaw_roundtrip(levels)
+    assert len(np.unique(np.round(coded, 9))) <= 255
+    loud = np.abs(levels) > 0.01
+    assert np.max(np.abs(coded[loud] - levels[loud]) / np.abs(levels[loud])) < 0.05
+
+
+def test_phone_speech_is_band_limited(splits: dict[str, Path]) -> None:
+    for path in list(read_table(splits["phone_test"] / "wav.scp").values())[:2]:
+        audio, rate = sf.read(path, dtype="float32")
+        assert band_energy_db(audio, rate, 4500.0, 8000.0) < band_energy_db(audio, rate, 300.0, 3400.0) - 30.0
 
 
 def test_target_tests_hold_out_the_adaptation_voices(splits: dict[str, Path]) -> None:
@@ -190,7 +241,7 @@ def test_pocketsphinx_table_has_a_wer_per_domain(recipe_root: Path) -> None:
     table = (recipe_root / "exp" / "pocketsphinx_wer.md").read_text()
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "_test" in line]
     domains = {cells[1].strip(): float(cells[4]) for cells in rows if len(cells) == 5}
-    assert set(domains) == {"source", *TARGETS}
+    assert set(domains) == {"source", *TARGETS, *OUT_OF_DISTRIBUTION}
     assert domains["child"] > domains["source"] and domains["noisy"] > domains["source"]
 
 

@@ -1,8 +1,9 @@
 """Training, decoding and scoring stages of egs/synth_domains/asr1: the `ci` profile end to end.
 
 ``run.sh --profile ci`` runs every stage (data, tokens, shapes, pretraining, fine-tuning with the
-profile's default methods on every target domain, HDMoLE once on all of them, one run of each
-sweep, decoding, scoring) once per module in a temporary directory: about 3-5 minutes on 2 cores.
+profile's default methods on every target domain, HDMoLE and the joint runs once on all of them, one
+run of each sweep, decoding, scoring, merging with each kind of merge, decoding and scoring the
+merges) once per module in a temporary directory: about 8-9 minutes on 2 cores.
 The models are tiny and barely trained, so the tests check that the pipeline produced complete,
 well-formed results and sweep tables, not their numbers.
 """
@@ -152,13 +153,14 @@ def test_decoding_covers_every_test_utterance(
 
     data = recipe_root / "data"
     source = keys(data / "source_test" / "text")
+    everything = [*domains, "phone"]  # the target domains and the out-of-distribution one
     assert keys(exp / "decode" / "base" / "1best_recog" / "text") == source.union(
-        *(keys(data / f"{domain}_test" / "text") for domain in domains)
+        *(keys(data / f"{domain}_test" / "text") for domain in everything)
     )
     for domain in domains:
         for method in methods:
             run = "all/hdmole" if method == "hdmole" else f"{domain}/{method}"
-            tests = domains if method == "hdmole" else [domain]
+            tests = everything if method == "hdmole" else [domain]
             hypotheses = keys(exp / "decode" / run / "1best_recog" / "text")
             assert hypotheses == source.union(*(keys(data / f"{d}_test" / "text") for d in tests)), run
 
@@ -174,4 +176,77 @@ def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: P
     assert "Stage 9: accent/ssvd_o decoded, skipped" in result.stdout
     assert "Stage 9: all/hdmole decoded, skipped" in result.stdout
     assert "Stage 8: fine-tune" not in result.stdout and "Stage 9: decode " not in result.stdout
+    assert "Stage 11: merged/full/ties merged, skipped" in result.stdout
+    assert "Stage 12: merged/ssvd_o/task_arithmetic@core decoded, skipped" in result.stdout
+    assert "Stage 11: merge merged/" not in result.stdout and "Stage 12: decode " not in result.stdout
     assert stats.stat().st_mtime_ns == before
+
+
+MERGING_SYSTEMS = [
+    "base",
+    "per-domain full",
+    "joint full",
+    "merged full ties",
+    "merged full tsv_m",
+    "per-domain ssvd_o",
+    "joint ssvd_o",
+    "merged ssvd_o ties",
+    "merged ssvd_o task_arithmetic@core",
+    "joint hdmole",
+]
+
+
+@pytest.fixture(scope="module")
+def merging_rows(exp: Path) -> list[dict[str, str]]:
+    with (exp / "merging.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_merging_table_has_each_one_model_system_beside_the_per_domain_ones(
+    merging_rows: list[dict[str, str]], exp: Path
+) -> None:
+    assert [row["system"] for row in merging_rows] == MERGING_SYSTEMS
+    for row in merging_rows:
+        per_domain = row["system"].startswith("per-domain")
+        columns = [
+            c for c in row if c.endswith(("WER", "CER")) and not (per_domain and c.startswith("phone"))
+        ]
+        assert all(float(row[c]) >= 0.0 for c in columns), row
+        assert (row["phone WER"] == "") == per_domain, row
+        searched = row["system"].startswith("merged")
+        assert bool(row["knobs"]) == searched and (row["knobs"].startswith("scaling=") or not searched), row
+        if row["kind"] in ("full", "ssvd_o") and not per_domain:
+            assert float(row["WER_ft / WER"]) > 0.0, row
+    text = (exp / "merging.md").read_text()
+    assert f"Base model: `{exp}/base/valid.acc.ave.pth`" in text
+    assert "| merged/full/ties | scaling=0.5 density=0.5 -> " in (exp / "merging_knobs.md").read_text()
+
+
+def test_merged_models_are_ordinary_espnet_dirs_or_one_subspace_adapter(exp: Path) -> None:
+    for name in ("full/ties", "full/tsv_m", "ssvd_o/ties"):
+        config = yaml.safe_load((exp / "merged" / name / "config.yaml").read_text())
+        assert not [key for key in config if key.startswith("peft")], name
+        record = yaml.safe_load((exp / "merged" / name / "merge.yaml").read_text())
+        assert [row["knobs"]["scaling"] for row in record["search"]["grid"]][:2] == [0.5, 1.0], name
+        assert record["experiments"] == [
+            str(exp / domain / name.split("/")[0] / "valid.acc.best.pth")
+            for domain in ("accent", "child", "noisy")
+        ]
+    core = yaml.safe_load((exp / "merged" / "ssvd_o" / "task_arithmetic@core" / "config.yaml").read_text())
+    assert core["peft"] == "ssvd_core" and core["peft_pretrained"] == str(
+        (exp / "base" / "valid.acc.ave.pth").resolve()
+    )
+
+
+def test_joint_runs_train_on_every_domain_and_the_lambda_curve_is_decoded(exp: Path) -> None:
+    for method in ("full", "ssvd_o"):
+        assert (exp / "all" / method / "train_stats.json").is_file()
+        assert "data/combined/adapt" in (exp / "all" / method / "config.yaml").read_text()
+    with (exp / "merging_lambda.csv").open() as f:
+        curve = list(csv.DictReader(f))
+    assert [(row["algorithm"], float(row["scaling"])) for row in curve] == [
+        ("task_arithmetic", 0.5),
+        ("task_arithmetic", 1.0),
+    ]
+    assert all(float(row["OOD WER"]) >= 0.0 and float(row["in-domain WER"]) >= 0.0 for row in curve)
+    assert (exp / "merging_lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

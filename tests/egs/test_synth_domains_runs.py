@@ -155,9 +155,9 @@ def write_base_config(path: Path) -> Path:
     return path
 
 
-def plan_runs(tmp_path: Path, methods: str, sweeps: str) -> subprocess.CompletedProcess[str]:
-    """Stage 8's planner (local/finetune_configs.py) on the full profile's adapters, in this process:
-    its exit code and what it printed."""
+def plan_runs(tmp_path: Path, methods: str, sweeps: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Stage 8's planner (local/finetune_configs.py) on the full profile's adapters, in this process
+    (``extra``: more of its options): its exit code and what it printed."""
     pytest.importorskip("espnet2")
     import finetune_configs
 
@@ -166,7 +166,7 @@ def plan_runs(tmp_path: Path, methods: str, sweeps: str) -> subprocess.Completed
         "--finetune", str(RECIPE / "conf" / "asr" / "ci" / "finetune.yaml"),
         "--adapters", str(RECIPE / "conf" / "asr" / "full" / "adapters.yaml"),
         "--out_dir", str(tmp_path / "conf"), "--data", "data", "--methods", methods,
-        "--domains", "accent child noisy", "--sweeps", sweeps,
+        "--domains", "accent child noisy", "--sweeps", sweeps, *extra,
     ]  # fmt: skip
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -198,6 +198,32 @@ def test_runs_cover_every_method_domain_and_sweep_point(tmp_path: Path) -> None:
     )
     assert runs["child/lora@n50"][4] == str(tmp_path / "conf" / "lora.yaml")
     assert runs["child/lora@n50"][5] == "data/fewshot/child_adapt_n50"
+
+
+def test_joint_runs_train_on_every_domain_with_the_main_config_and_test_out_of_distribution_too(
+    tmp_path: Path,
+) -> None:
+    joint = ["--joint_methods", "full lora hdmole", "--ood_domains", "phone"]
+    assert plan_runs(tmp_path, "full lora ssvd_o hdmole", "", *joint).returncode == 0
+    lines = [line.split("\t") for line in (tmp_path / "conf" / "runs.tsv").read_text().splitlines()]
+    runs = {line[0]: line for line in lines}
+    assert len(lines) == len(runs) == 3 * 3 + 1 + 2
+    tests = "accent child noisy phone"
+    combined = ["data/combined/adapt", "data/combined/dev", tests]
+    for method in ("full", "lora"):
+        assert runs[f"all/{method}"] == [
+            f"all/{method}",
+            method,
+            "joint",
+            "-",
+            str(tmp_path / "conf" / f"{method}.yaml"),
+            *combined,
+        ]
+    assert runs["all/hdmole"][1:3] == ["hdmole", "main"] and runs["all/hdmole"][5:] == combined
+    assert runs["child/lora"][7] == "child"  # per-domain runs are tested on their own domain only
+    (tmp_path / "refused").mkdir()
+    result = plan_runs(tmp_path / "refused", "lora", "", "--joint_methods", "full")
+    assert result.returncode != 0 and "add ['full'] to --methods" in result.stderr
 
 
 def test_every_peft_config_trains_the_budget_and_hdmole_that_of_all_domains(tmp_path: Path) -> None:

@@ -10,8 +10,14 @@
 #   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
 #   stage 9  decode             base (zero-shot) and each adapted model on target + source test -> ${exp}/decode/<name>/
 #   stage 10 score              WER, CER, forgetting, cost per (domain, method)        -> ${exp}/results.{md,csv}, .png
+#   stage 11 merge              per-domain models of each kind merged into one, knobs on dev -> ${exp}/merged/<kind>/<algorithm>/
+#   stage 12 decode merges      every merged model on every target test, the OOD tests, source -> ${exp}/decode/merged/
+#   stage 13 score merges       merged vs base, per-domain, joint and HDMoLE models    -> ${exp}/merging.{md,csv}, .png
 # Stages 5-10 read ${data}/source_{train,dev,test} and, for each domain d in ${data}/target_domains.txt
-# (synthetic and user-given), ${data}/${d}_{adapt,dev,test}. Model configs: conf/asr/<profile>/.
+# (synthetic and user-given), ${data}/${d}_{adapt,dev,test}; ${data}/ood_domains.txt lists domains that are
+# only tested (out of distribution: the base and every model for all domains are decoded on them).
+# Stages 11-13 run with --merging true (with it, stage 8 also trains each of merging.joint_methods on every
+# domain together). Model configs: conf/asr/<profile>/.
 # Usage: ./run.sh [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J]
 #                 [--target_data_dirs "accent=/path child=/path"]   (each path holds adapt/ and test/, dev/ optional)
 #                 [--data D] [--synth S] [--exp E] [--python P]      (relative paths are relative to this directory)
@@ -19,6 +25,7 @@
 #                 [--domains "accent child noisy"]                  (default: all of ${data}/target_domains.txt)
 #                 [--sweeps "budget split fewshot"]                 (default: the profile's default_sweeps; or none)
 #                 [--base_model path/valid.acc.ave.pth]             (config.yaml next to it; default ${exp}/base/...)
+#                 [--merging true|false]                            (default: the profile's default_merging)
 set -euo pipefail
 
 stage=1
@@ -34,10 +41,11 @@ methods=""     # default: default_methods of conf/asr/${profile}/adapters.yaml
 domains=""     # default: ${data}/target_domains.txt
 sweeps=""      # default: default_sweeps of conf/asr/${profile}/adapters.yaml ("none": no sweep)
 base_model=""  # default: ${exp}/base/valid.acc.ave.pth (pretrained by stage 7 unless it exists)
+merging=""     # default: default_merging of conf/asr/${profile}/adapters.yaml (stages 11-13, joint runs)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
-help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M]"
+help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false]"
 cd "$(dirname "$0")"
 . ./path.sh
 . "${COMMON_ROOT}/parse_options.sh"
@@ -73,7 +81,8 @@ fi
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     log "Stage 4: pocketsphinx WER per domain"
     n=$(${python} -m yaml_get "${profile_conf}" pocketsphinx_utts)
-    eval_splits="$(printf '%s\n' ${source_splits} | grep '_test$' || true) $(sed 's/$/_test/' "${data}/target_domains.txt" | tr '\n' ' ')"
+    eval_splits="$(printf '%s\n' ${source_splits} | grep '_test$' || true) $(cat "${data}/target_domains.txt" \
+        "${data}/ood_domains.txt" | sed 's/$/_test/' | tr '\n' ' ')"
     ${python} local/pocketsphinx_check.py --data_dir "${data}" --splits "${eval_splits}" --n "${n}" \
         --out_dir "${exp}" --nj "${nj}"
 fi
@@ -96,6 +105,11 @@ if [ ${stop_stage} -ge 8 ]; then
     [ -n "${domains}" ] || domains=$(tr '\n' ' ' < "${data}/target_domains.txt")
     [ -n "${sweeps}" ] || sweeps=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_sweeps)
     [ "${sweeps}" != none ] || sweeps=""
+    [ -n "${merging}" ] || merging=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_merging)
+    merging=$(echo "${merging}" | tr '[:upper:]' '[:lower:]')
+    case "${merging}" in true | false) ;; "") merging=false ;; *) echo "--merging is true or false, got ${merging}" >&2; exit 1 ;; esac
+    ood_domains=""
+    [ ! -f "${data}/ood_domains.txt" ] || ood_domains=$(tr '\n' ' ' < "${data}/ood_domains.txt")
 fi
 
 # run_logged LOG COMMAND...: run COMMAND with its output appended to LOG; on failure show the end of LOG.
@@ -160,10 +174,15 @@ conf_dir=${exp}/finetune_conf
 runs=${conf_dir}/runs.tsv
 if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
     log "Stage 8: fine-tuning configs (every PEFT method at the same budget) and runs -> ${runs}"
+    joint_methods=""
+    if [ "${merging}" = true ]; then
+        joint_methods=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" merging.joint_methods)
+    fi
     ${python} local/finetune_configs.py --base_config "$(dirname "${base_model}")/config.yaml" \
         --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}" \
-        --data "${data}" --methods "${methods}" --domains "${domains}" --sweeps "${sweeps}"
-    if grep -q $'^all/hdmole\t' "${runs}"; then
+        --data "${data}" --methods "${methods}" --domains "${domains}" --sweeps "${sweeps}" \
+        --joint_methods "${joint_methods}" --ood_domains "${ood_domains}"
+    if grep -q '^all/' "${runs}"; then
         for role in adapt dev; do
             ${python} local/derived_data_dirs.py combine "${data}/combined/${role}" \
                 $(printf "${data}/%s_${role} " ${domains})
@@ -198,25 +217,26 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
     wait_jobs
 fi
 
+decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every test split at once
+    local dir=${exp}/decode/$1 module=$2 config=$3 model=$4 extra=$5 split
+    shift 5
+    rm -rf "${dir}"
+    mkdir -p "${dir}"
+    for split in "$@"; do cat "${data}/${split}/wav.scp"; done > "${dir}/wav.scp"
+    OMP_NUM_THREADS=${threads} run_logged "${dir}/decode.log" \
+        ${python} -m ${module} --config "${asr_conf}/decode.yaml" --asr_train_config "${config}" \
+        --asr_model_file "${model}" --data_path_and_name_and_type "${dir}/wav.scp,speech,sound" \
+        --output_dir "${dir}" --ngpu 0 ${extra} < /dev/null
+    echo "$*" > "${dir}/splits"
+}
+decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the model was written
+    local dir=${exp}/decode/$1 model=$2
+    shift 2
+    [ -f "${dir}/splits" ] && [ "$(cat "${dir}/splits")" = "$*" ] && [ "${dir}/splits" -nt "${model}" ]
+}
+
 if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
-    decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every test split at once
-        local dir=${exp}/decode/$1 module=$2 config=$3 model=$4 extra=$5 split
-        shift 5
-        rm -rf "${dir}"
-        mkdir -p "${dir}"
-        for split in "$@"; do cat "${data}/${split}/wav.scp"; done > "${dir}/wav.scp"
-        OMP_NUM_THREADS=${threads} run_logged "${dir}/decode.log" \
-            ${python} -m ${module} --config "${asr_conf}/decode.yaml" --asr_train_config "${config}" \
-            --asr_model_file "${model}" --data_path_and_name_and_type "${dir}/wav.scp,speech,sound" \
-            --output_dir "${dir}" --ngpu 0 ${extra} < /dev/null
-        echo "$*" > "${dir}/splits"
-    }
-    decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the model was written
-        local dir=${exp}/decode/$1 model=$2
-        shift 2
-        [ -f "${dir}/splits" ] && [ "$(cat "${dir}/splits")" = "$*" ] && [ "${dir}/splits" -nt "${model}" ]
-    }
-    base_splits="source_test $(printf '%s_test ' ${domains})"
+    base_splits="source_test $(printf '%s_test ' ${domains} ${ood_domains})"
     if decoded base "${base_model}" ${base_splits}; then
         log "Stage 9: base decoded, skipped"
     else
@@ -245,6 +265,57 @@ if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
     log "Stage 10: score -> ${exp}/results.{md,csv}, ${exp}/learning_vs_forgetting.png and the sweeps"
     ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}" \
         --base_model "${base_model}"
+fi
+
+merged_dir=${exp}/merged
+merges=${merged_dir}/merges.tsv
+if [ "${merging}" = true ] && [ ${stage} -le 11 ] && [ ${stop_stage} -ge 11 ]; then
+    log "Stage 11: merge the per-domain models of each kind, knobs chosen on the in-domain dev sets -> ${merged_dir}"
+    ${python} local/derived_data_dirs.py combine "${data}/combined/dev" $(printf "${data}/%s_dev " ${domains})
+    mkdir -p "${merged_dir}"
+    ${python} local/merge_plan.py --adapters "${asr_conf}/adapters.yaml" --runs "${runs}" --domains "${domains}" \
+        --exp "${exp}" --dev "${data}/combined/dev" --out "${merges}"
+    merge() {  # merge NAME OPTIONS: espnet_plugins.bin.merge_models into ${exp}/NAME (OPTIONS: shell-quoted)
+        local dir=${exp}/$1 options=$2
+        rm -rf "${dir}"
+        eval "set -- ${options}"
+        OMP_NUM_THREADS=${threads} run_logged "${dir}/merge.log" \
+            ${python} -m espnet_plugins.bin.merge_models --base_dir "$(dirname "${base_model}")" \
+            --base_model_file "$(basename "${base_model}")" --output_dir "${dir}" "$@" < /dev/null
+        echo "${options}" > "${dir}/options"
+    }
+    while IFS=$'\t' read -r name kind algorithm form options inputs; do
+        if [ -f "${exp}/${name}/merge.yaml" ] && [ "$(cat "${exp}/${name}/options" 2>/dev/null)" = "${options}" ] \
+            && ! find ${inputs} -newer "${exp}/${name}/merge.yaml" | grep -q .; then
+            log "Stage 11: ${name} merged, skipped"
+            continue
+        fi
+        log "Stage 11: merge ${name} (${algorithm} over ${kind})"
+        start_job merge "${name}" "${options}"
+    done < "${merges}"
+    wait_jobs
+fi
+
+if [ "${merging}" = true ] && [ ${stage} -le 12 ] && [ ${stop_stage} -ge 12 ]; then
+    merged_splits="$(printf '%s_test ' ${domains} ${ood_domains})source_test"
+    while IFS=$'\t' read -r name kind algorithm form options inputs; do
+        dir=${exp}/${name}
+        if decoded "${name}" "${dir}/model.pth" ${merged_splits}; then
+            log "Stage 12: ${name} decoded, skipped"
+            continue
+        fi
+        module=espnet2.bin.asr_inference extra=""
+        if [ "${form}" = ssvd_core ]; then module=espnet_plugins.bin.asr_inference extra="--peft_merge true"; fi
+        log "Stage 12: decode ${name} -> ${exp}/decode/${name}"
+        start_job decode "${name}" ${module} "${dir}/config.yaml" "${dir}/model.pth" "${extra}" ${merged_splits}
+    done < "${merges}"
+    wait_jobs
+fi
+
+if [ "${merging}" = true ] && [ ${stage} -le 13 ] && [ ${stop_stage} -ge 13 ]; then
+    log "Stage 13: score the merges -> ${exp}/merging.{md,csv}, ${exp}/merging_lambda.png"
+    ${python} local/score_merging.py --data "${data}" --exp "${exp}" --runs "${runs}" --merges "${merges}" \
+        --domains "${domains}" --ood_domains "${ood_domains}" --base_model "${base_model}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

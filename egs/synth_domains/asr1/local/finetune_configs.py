@@ -13,8 +13,12 @@ k) on the base model; each method's rank or k is the one whose count is closest 
 Runs (one line each in ``runs.tsv``, see local/runs.py):
 
 - main: every method on every domain's adapt split (``<domain>/<method>``); HDMoLE once on all
-  domains' adapt splits together, with ``utt2domain`` labels (``all/hdmole``), tested on each domain,
-  at B times the number of domains (what the per-domain adapters of one method hold together);
+  domains' adapt splits together, with ``utt2domain`` labels (``all/hdmole``), tested on each domain
+  and each out-of-distribution domain, at B times the number of domains (what the per-domain
+  adapters of one method hold together);
+- joint (``--joint_methods``, for the merging stages): one model per method on all domains' adapt
+  splits together (``all/<method>``, the method's main config: a joint adapter has budget B), tested
+  on each domain and each out-of-distribution domain: what a user would train instead of merging;
 - sweep ``budget``: methods at the budgets of the reference method at other ranks or k
   (``<domain>/<method>@b<value>``);
 - sweep ``split``: SSVD-O with other inner/outer splits of its rotations (``outer_share``), its k
@@ -97,6 +101,7 @@ class Planner:
     ) -> None:
         self.model, self.base, self.finetune, self.adapters = model, base, finetune, adapters
         self.out_dir, self.data, self.domains = out_dir, data, domains
+        self.ood_domains: list[str] = []
         self.trainable: dict[str, int] = {}
         self.shortfalls: dict[str, dict[str, int]] = {}
         self.runs: list[Run] = []
@@ -147,15 +152,28 @@ class Planner:
             else:
                 config, blocks[method] = self.peft_config(method, options[method], matches[method])
             if method == "hdmole":
-                data = f"{self.data}/combined"
-                name = f"{ALL_DOMAINS}/{method}"
-                self.runs.append(
-                    Run(name, method, "main", "-", config, f"{data}/adapt", f"{data}/dev", self.domains)
-                )
+                self.add_joint_run(method, "main", config)
                 continue
             for domain in self.domains:
                 self.add_domain_run(domain, method, method, "main", "-", config)
         return blocks
+
+    def add_joint_run(self, method: str, sweep: str, config: str) -> None:
+        """A run on every domain's adapt split together (``all/<method>``), tested on every domain and
+        every out-of-distribution domain."""
+        data = f"{self.data}/combined"
+        tests = [*self.domains, *self.ood_domains]
+        name = f"{ALL_DOMAINS}/{method}"
+        self.runs.append(Run(name, method, sweep, "-", config, f"{data}/adapt", f"{data}/dev", tests))
+
+    def joint_runs(self, methods: list[str], main_methods: list[str]) -> None:
+        """The joint runs of ``methods`` (each with its main config; HDMoLE is always joint)."""
+        missing = sorted(set(methods) - set(main_methods))
+        if missing:
+            raise SystemExit(f"joint runs reuse the main configs: add {missing} to --methods")
+        for method in methods:
+            if method != "hdmole":
+                self.add_joint_run(method, "joint", str(self.out_dir / f"{method}.yaml"))
 
     def sweep_runs(self, sweeps: list[str], methods: list[str]) -> None:
         spec = self.adapters.get("sweeps") or {}
@@ -211,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", required=True, help="space-separated methods of the main runs")
     parser.add_argument("--domains", required=True, help="space-separated target domains")
     parser.add_argument("--sweeps", default="", help=f"space-separated sweeps to run: {' '.join(SWEEPS)}")
+    parser.add_argument(
+        "--joint_methods", default="", help="space-separated methods also trained on all domains together"
+    )
+    parser.add_argument(
+        "--ood_domains", default="", help="space-separated out-of-distribution test domains of joint runs"
+    )
     args = parser.parse_args(argv)
     adapters = yaml.safe_load(args.adapters.read_text())
     methods, domains, sweeps = args.methods.split(), args.domains.split(), args.sweeps.split()
@@ -226,8 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         args.data,
         domains,
     )
+    planner.ood_domains = args.ood_domains.split()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     blocks = planner.main_runs(methods)
+    planner.joint_runs(args.joint_methods.split(), methods)
     if sweeps:
         planner.sweep_runs(sweeps, methods)
     (args.out_dir / "trainable.json").write_text(json.dumps(planner.trainable, indent=1) + "\n")

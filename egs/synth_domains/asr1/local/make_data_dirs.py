@@ -4,7 +4,8 @@ Synthetic splits come from the stage-2 plan (speaker = voice). A user's own targ
 adds to the synthetic ones with --target_data_dirs "name=/path ...": /path holds Kaldi data dirs
 adapt/ and test/ (dev/ optional: without it every 10th adaptation utterance becomes dev). Their wav.scp,
 text and utt2spk are copied as they are; spk2utt and utt2domain are (re)written. data/target_domains.txt
-lists the target domains the later stages adapt to, one a line.
+lists the target domains the later stages adapt to, one a line; data/ood_domains.txt the synthetic
+domains that have a test split but no adapt split (out of distribution: tested, never adapted to).
 """
 
 from __future__ import annotations
@@ -104,18 +105,24 @@ def main() -> None:
     parser.add_argument("--target_data_dirs", default="", help="'name=/path ...' user target domains")
     args = parser.parse_args()
     user = parse_user_dirs(args.target_data_dirs)
-    targets = []
-    for split in args.splits.split():
+    splits = args.splits.split()
+    targets, out_of_distribution = [], []
+    for split in splits:
         domain = split.partition("_")[0]
         if domain not in user:
             synthetic_split(args.synth_dir, split, args.data_dir / split)
-            if domain != "source" and domain not in targets:
-                targets.append(domain)
+            kind = targets if f"{domain}_adapt" in splits else out_of_distribution
+            if domain != "source" and domain not in kind:
+                kind.append(domain)
     for name, source in user.items():
         user_domain(name, source, args.data_dir)
         targets.append(name)
     (args.data_dir / "target_domains.txt").write_text("".join(t + "\n" for t in targets))
-    print(f"data dirs in {args.data_dir}; target domains: {' '.join(targets)}")
+    (args.data_dir / "ood_domains.txt").write_text("".join(d + "\n" for d in out_of_distribution))
+    print(
+        f"data dirs in {args.data_dir}; target domains: {' '.join(targets)}; "
+        f"out of distribution: {' '.join(out_of_distribution) or 'none'}"
+    )
 
 
 if __name__ == "__main__":

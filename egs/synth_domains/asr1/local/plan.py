@@ -6,7 +6,8 @@ balanced. With voices_per_sentence r (a profile option per split, default 1) eve
 by r different voices, the next r in turn: utterance i*r + j is sentence i spoken by voice (i*r + j)
 mod (number of voices). Per utterance: speed and pitch shift drawn from the domain's ranges;
 transformed voices (child voices, "<name>2" speakers) draw a pitch median and a duration factor; noisy
-domains draw a noise kind, an SNR, maybe a room, and babble talkers from the babble voices of the split.
+domains draw a noise kind, an SNR, maybe a room, and babble talkers from the babble voices of the split;
+a domain with a ``channel`` (the telephone line of local/channel.py) passes every utterance through it.
 The babble sentences go in turn to every babble voice, so the babble of the test split shares neither
 talkers nor text with that of the adaptation splits.
 
@@ -120,4 +121,6 @@ def split_plan(
                 "seed": utterance_seed(utt, seed),
             }
         )
+        if "channel" in spec:
+            rows[-1]["channel"] = spec["channel"]
     return rows

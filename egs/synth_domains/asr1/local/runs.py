@@ -2,8 +2,9 @@
 
     run  method  sweep  value  config  train-data  dev-data  test-domains
 
-``run`` is its dir under exp (``<domain>/<method>[@<variant>]`` or ``all/hdmole``); ``sweep`` is
-``main``, ``budget``, ``split`` or ``fewshot``, ``value`` the swept value (``-`` for main runs: bash's
+``run`` is its dir under exp (``<domain>/<method>[@<variant>]``, or ``all/<method>`` for a run on
+every domain together); ``sweep`` is ``main``, ``joint`` (a joint run for the merging stages),
+``budget``, ``split`` or ``fewshot``, ``value`` the swept value (``-`` for main runs: bash's
 ``read`` would merge empty tab-separated fields); ``test-domains`` is space-separated.
 """
 

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 from kaldi_files import read_table
 from runs import SWEEPS, Run, read_runs
@@ -175,6 +176,13 @@ def plot(rows: list[dict[str, object]], domains: list[str], path: Path) -> None:
         axis.set_xlabel("source WER % (forgetting: right)")
         axis.set_ylabel("target WER % (learning: down)")
         axis.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Lay out, write as a PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -206,9 +214,7 @@ def plot_sweeps(rows: list[dict[str, object]], path: Path) -> None:
         axis.set_title(sweep)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import resource
 import time
 from pathlib import Path
 
+import channel
 import engines
 import noise
 import numpy as np
@@ -65,6 +66,8 @@ def render(row: dict) -> np.ndarray:
         audio = voice_transforms.change_gender(audio, RATE, **row["transform"])
     if row["noise"]:
         audio = corrupt(audio, row["noise"], np.random.default_rng(row["seed"]))
+    if row.get("channel"):
+        audio = channel.telephone(audio, RATE, **row["channel"])
     return at_level(audio, row["level_dbfs"])
 
 
