@@ -8,7 +8,9 @@ The model is OWSM v3.1 base's architecture (``espnet2.tasks.s2t``: E-Branchforme
 of 384 with 1536 units; Transformer decoder, 6 blocks; 50002 tokens) with random weights, built by
 ESPnet itself and saved as an ESPnet model file; T fine-tunes move every floating-point tensor by
 1 % of its scale. Each merge runs in a fresh process, which reports its wall time (from opening
-the models to the merged file on disk) and its peak resident memory (``ru_maxrss``):
+the models to the merged file on disk) and its peak resident memory (the kernel's high-water mark
+``VmHWM``, reset after the imports, so the peak of the merge itself; it still counts the imports'
+resident memory, printed as ``floor``):
 
     stream     ``ModelMerge(base, files, method).save(out)``: tensor by tensor from the files, the
                merged model written as it is computed
@@ -16,8 +18,8 @@ the models to the merged file on disk) and its peak resident memory (``ru_maxrss
                dicts with the same per-tensor code, ``torch.save`` the result
 
 Targets, checked per row: stream peak RSS at most 2.5x one model file's size (whatever T; the
-in-memory baseline grows with T), and stream time at most 1.2x the in-memory time. The RSS of the
-process before any model is opened (Python, torch, ESPnet imports) is printed as ``floor``.
+in-memory baseline grows with T), and stream time at most 1.2x the in-memory time. ``floor``: the
+resident memory of the process before any model is opened (Python, torch, ESPnet imports).
 """
 
 from __future__ import annotations
