@@ -193,9 +193,13 @@ def test_adapters_merged_in_their_subspace_stay_an_adapter_that_the_plugin_decod
     scaling = record["knobs"]["scaling"]
 
     # Folded into the base, the kept adapter is the dense merge of the same updates (TA commutes with
-    # the shared U_k . V_k^T); the model file holds the adapter entries only.
+    # the shared U_k . V_k^T); the model file holds the adapter entries, the base's fingerprints and
+    # the modules trained in full (merged as full tensors).
     model_file = torch.load(merged / "model.pth", weights_only=True)
-    assert all(f".{ADAPTERS_ATTR}." in key or key.endswith("base_fingerprint") for key in model_file)
+    saved = tuple(f"{module}." for module in config["peft_modules_to_save"])
+    kinds = [f".{ADAPTERS_ATTR}." in key or key.endswith("base_fingerprint") for key in model_file]
+    assert all(kind or key.startswith(saved) for kind, key in zip(kinds, model_file, strict=True))
+    assert any(key.startswith(saved) for key in model_file)
     files = [exp / "valid.acc.ave.pth" for exp in exps]
     dense = AdapterMerge(base / "valid.acc.ave.pth", files, "task_arithmetic", scaling=scaling).state_dict()
     folded = folded_state(base, merged)
