@@ -198,7 +198,9 @@ def test_the_merging_table_compares_one_model_with_the_per_domain_ones(tmp_path:
     )
 
 
-def test_stage_13_writes_the_table_the_knobs_and_the_curve(tmp_path: Path) -> None:
+def test_stage_13_writes_the_table_the_knobs_and_the_curve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("matplotlib")
     test_the_merging_table_compares_one_model_with_the_per_domain_ones(tmp_path)
     exp = tmp_path / "exp"
@@ -230,7 +232,7 @@ def test_stage_13_writes_the_table_the_knobs_and_the_curve(tmp_path: Path) -> No
         "--base_model",
         "b.pth",
     ]
-    sys.argv = argv
+    monkeypatch.setattr(sys, "argv", argv)
     score_merging.main()
     with (exp / "merging.csv").open() as f:
         assert [row["system"] for row in csv.DictReader(f)] == [
