@@ -3,28 +3,14 @@ quick end-to-end run. Nothing here is timed; the timings themselves are the scri
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from torch import nn
 
 from ssvd_peft.layers import EspnetSsvdAdapter
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "adapter_speed.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("adapter_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("adapter_speed")
 
 
 @pytest.fixture(autouse=True)

@@ -3,27 +3,13 @@ timings and memory themselves are the script's output, not asserted here."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("espnet2")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "merge_speed.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("merge_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark("merge_speed")
 
 
 @pytest.fixture(scope="module")
