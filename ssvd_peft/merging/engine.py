@@ -10,6 +10,9 @@ that. Tensor rules, per name:
 
 - a tensor equal in every model (and the base) is taken as it is (frozen: tau = 0);
 - a tensor that is not floating point (a counter) is the base's (the first model's without a base);
+- a normalisation layer's running statistics (``running_mean``, ``running_var``: estimates of the
+  data, not weights) take the mean of the task vectors whatever the method, so they stay estimates
+  between the models' (task arithmetic at lambda T > 1 would push a variance below zero);
 - a vocabulary matrix (``vocabulary`` patterns, full names; default ESPnet's decoder.embed,
   decoder.output_layer and ctc.ctc_lo) takes the mean of the task vectors, as does every tensor that
   is not a 2-D weight for a method that works through singular vectors: theta_0 + sum_t w_t tau_t /
@@ -42,6 +45,7 @@ from ssvd_peft.targets import matches_any
 
 ModelInput = str | Path | Mapping[str, torch.Tensor]
 DEFAULT_VOCABULARY = (r"decoder\.embed\..*", r"decoder\.output_layer\..*", r"ctc\.ctc_lo\..*")
+RUNNING_STATISTICS = (".running_mean", ".running_var")
 FINGERPRINT_SIZE = 1024
 
 
@@ -149,8 +153,10 @@ class ModelMerge:
 
 
 def takes_mean(name: str, ndim: int, entry: MergeMethod, vocabulary: Sequence[str]) -> bool:
-    """The tensor rule: vocabulary matrices, and every tensor but 2-D weights for a method that
-    works through singular vectors, take the mean of the task vectors."""
+    """The tensor rule: running statistics, vocabulary matrices, and every tensor but 2-D weights
+    for a method that works through singular vectors, take the mean of the task vectors."""
+    if name.endswith(RUNNING_STATISTICS):
+        return True
     return matches_any(list(vocabulary), name) or (entry.subspace and ndim != 2)
 
 

@@ -63,6 +63,30 @@ def test_task_arithmetic_merges_every_moving_tensor_and_keeps_the_rest(states):
     assert list(merged) == list(base)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "tsv_m"])
+def test_running_statistics_take_the_mean_whatever_the_method(method):
+    base = {
+        "encoder.conv.norm.running_var": torch.ones(6),
+        "encoder.conv.norm.running_mean": torch.zeros(6),
+        "encoder.linear.weight": torch.eye(6),
+    }
+    models = []
+    for t in range(3):  # every domain's variance fell, as a fine-tune on quieter speech can make it
+        models.append(
+            {
+                "encoder.conv.norm.running_var": torch.full((6,), 0.2 + 0.1 * t),
+                "encoder.conv.norm.running_mean": torch.full((6,), 0.5 * t),
+                "encoder.linear.weight": torch.eye(6) + 0.01 * (t + 1),
+            }
+        )
+    merged = merge_models(base, models, method, scaling=1.0)
+    for key in ("encoder.conv.norm.running_var", "encoder.conv.norm.running_mean"):
+        torch.testing.assert_close(merged[key], task_vector_mean(base, models, key))
+    assert bool((merged["encoder.conv.norm.running_var"] > 0).all())
+    if method == "task_arithmetic":  # the weights themselves still take the method: 1 + 3 x scaling
+        torch.testing.assert_close(merged["encoder.linear.weight"], torch.eye(6) + 0.06)
+
+
 def test_subspace_methods_take_the_task_vector_mean_off_2d_weights_and_on_the_vocabulary(states):
     base, models = states
     merged = merge_models(base, models, "tsv_m")
