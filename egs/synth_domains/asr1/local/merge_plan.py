@@ -36,13 +36,19 @@ from runs import Run, read_runs
 from ssvd_peft.errors import PeftConfigError
 from ssvd_peft.merging.adapters import SUBSPACE_METHODS
 from ssvd_peft.merging.registry import get_merge_method
+from ssvd_peft.registry import get_method
 
 FULL = "full"
 MODEL_FORM = "model"
 CORE_FORM = "ssvd_core"
 SCALING = "scaling"
-ROUTED = "hdmole"  # one model for every domain already: nothing to merge
 MODEL_FILE = "valid.acc.best.pth"  # what stage 9 decodes of every run
+
+
+def routes_domains(method: str) -> bool:
+    """A method with a model part (HDMoLE's domain router) serves every domain with one model
+    already: its runs are compared, not merged."""
+    return get_method(method).model_part is not None
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ class MergePlanner:
         merges = [self.merge(f"merged/{FULL}/{a}", FULL, a) for a in self.merging.get(FULL) or []]
         extra = self.merging.get("adapter_extra") or {}
         for method in self.methods:
-            if method == ROUTED:
+            if routes_domains(method):
                 continue
             for algorithm in [*(self.merging.get("adapters") or []), *extra.get(method, [])]:
                 merges.append(self.merge(f"merged/{method}/{algorithm}", method, algorithm))
