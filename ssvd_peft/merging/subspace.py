@@ -158,6 +158,74 @@ def boosted_tsv_m(
     return base + scaling * tsv_merge(taus, keep, beta, polar)
 
 
+def spectral_rank(values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """How many eigenvalues s_i^2 (descending, of a float64 Gram matrix of a ``shape`` matrix in
+    ``dtype``) belong to non-zero singular values: s_i > tol s_1, tol the larger of ``nonzero_rank``'s
+    max(shape) eps(dtype) and the Gram matrix's own resolution sqrt(max(shape) eps(float64))."""
+    if values.numel() == 0 or float(values[0]) <= 0.0:
+        return 0
+    tolerance = max(max(shape) * torch.finfo(dtype).eps, (max(shape) * torch.finfo(torch.float64).eps) ** 0.5)
+    return int((values > (tolerance**2) * float(values[0])).sum())
+
+
+def wide_alignment(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For out <= T in: U from the eigenvectors of G = sum_t tau_t tau_t^T (out x out, accumulated
+    in float64 one task at a time), truncated to the non-zero spectrum; the aligned blocks
+    U^T tau_t = diag(s) Z_t overwrite the first r rows of the stack. Returns (blocks (T, r, in), U)."""
+    count, rows, cols = taus.shape
+    gram = torch.zeros(rows, rows, dtype=torch.float64, device=taus.device)
+    for tau in taus:
+        wide = tau.to(torch.float64)
+        gram.addmm_(wide, wide.T)
+        del wide
+    values, vectors = torch.linalg.eigh(gram)
+    del gram
+    values, vectors = values.flip(0), vectors.flip(1)
+    rank = spectral_rank(values, (rows, count * cols), taus.dtype)
+    basis = vectors[:, :rank].to(taus.dtype)
+    del vectors
+    for tau in taus:
+        tau[:rank] = basis.T @ tau
+    return taus[:, :rank], basis
+
+
+def tall_alignment(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For out > T in: V from the eigenvectors of K = [tau_i^T tau_j]_{i,j} (T in x T in, float64),
+    truncated to the non-zero spectrum; the aligned blocks are diag(s) V_t^T and
+    U = sum_t tau_t V_t / s. Returns (blocks (T, r, in), U)."""
+    count, rows, cols = taus.shape
+    kernel = torch.empty(count * cols, count * cols, dtype=torch.float64, device=taus.device)
+    for i, left in enumerate(taus):
+        for j in range(i, count):
+            block = (left.T @ taus[j]).to(torch.float64)
+            kernel[i * cols : (i + 1) * cols, j * cols : (j + 1) * cols] = block
+            kernel[j * cols : (j + 1) * cols, i * cols : (i + 1) * cols] = block.T
+    values, vectors = torch.linalg.eigh(kernel)
+    del kernel
+    values, vectors = values.flip(0), vectors.flip(1)
+    rank = spectral_rank(values, (rows, count * cols), taus.dtype)
+    s = values[:rank].sqrt()
+    per_task = vectors[:, :rank].reshape(count, cols, rank)
+    blocks = (s[None, :, None] * per_task.transpose(1, 2)).to(taus.dtype)
+    basis = sum(tau @ (v / s).to(taus.dtype) for tau, v in zip(taus, per_task, strict=True))
+    return blocks, basis
+
+
+def ties_of_blocks(blocks: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES over aligned blocks (T, r, in): trim each to its top ``density``, elect signs, disjoint
+    mean. Trims the blocks in place."""
+    for block in blocks:
+        trim_to_top(block, density)
+    gamma = elected_sign(blocks.sum(0))
+    numerator = torch.zeros_like(gamma)
+    denominator = torch.zeros_like(gamma)
+    for block in blocks:
+        agree = (block.sign() == gamma).to(block.dtype)
+        numerator.addcmul_(agree, block)
+        denominator.add_(agree)
+    return numerator.div_(denominator.clamp_min_(1.0))
+
+
 @merge_method("knots", knobs={"scaling": 1.0, "density": 1.0}, subspace=True)
 def knots(
     base: torch.Tensor,
@@ -171,18 +239,17 @@ def knots(
     """KnOTS (Stoica et al., 2025, arXiv 2410.19735), for low-rank deltas: SVD of the deltas side by
     side along the input axis, [w_1 tau_1 | .. | w_T tau_T] = U diag(s) [Z_1 | .. | Z_T] / s, so every
     tau_t = U (diag(s) Z_t); merge the aligned blocks diag(s) Z_t with TIES (``density``) and map back:
-    tau = U merged."""
+    tau = U merged, over the r non-zero singular values (the r of T rank-k deltas is at most T k).
+
+    The side-by-side matrix (out x T in) is never formed, so memory does not grow with T beyond the
+    stack: U and s come from the smaller Gram matrix in float64 (``wide_alignment``,
+    ``tall_alignment``)."""
     taus = weighted_task_vectors(base, models, weights)
-    count, width = taus.shape[0], taus.shape[2]
-    u, s, vh = torch.linalg.svd(taus.permute(1, 0, 2).reshape(taus.shape[1], -1), full_matrices=False)
-    blocks = (s[:, None] * vh).reshape(-1, count, width).permute(1, 0, 2)
-    for block in blocks:
-        trim_to_top(block, density)
-    gamma = elected_sign(blocks.sum(0))
-    numerator = torch.zeros_like(gamma)
-    denominator = torch.zeros_like(gamma)
-    for block in blocks:
-        agree = (block.sign() == gamma).to(block.dtype)
-        numerator.addcmul_(agree, block)
-        denominator.add_(agree)
-    return base + scaling * (u @ numerator.div_(denominator.clamp_min_(1.0)))
+    count, rows, cols = taus.shape
+    if rows <= count * cols:
+        blocks, basis = wide_alignment(taus)
+    else:
+        blocks, basis = tall_alignment(taus)
+    if blocks.shape[1] == 0:
+        return base.clone()
+    return base + scaling * (basis @ ties_of_blocks(blocks, density))

@@ -234,3 +234,41 @@ def test_half_precision_inputs_merge_in_float32(name, models):
     half = [t.to(torch.bfloat16) for t in tensors]
     merged = merge(name, base.to(torch.bfloat16), half)
     assert merged.dtype == torch.float32 and bool(torch.isfinite(merged).all())
+
+
+def knots_by_explicit_svd(base, tensors, density):
+    """KnOTS written out: SVD of the deltas side by side, truncated to the non-zero spectrum, TIES
+    over the aligned blocks diag(s) Z_t, mapped back with U."""
+    taus = [(t - base).to(torch.float64) for t in tensors]
+    u, s, vh = torch.linalg.svd(torch.cat(taus, dim=1), full_matrices=False)
+    rank = int((s > 1e-6 * s[0]).sum())
+    blocks = (s[:rank, None] * vh[:rank]).reshape(rank, len(taus), -1).permute(1, 0, 2).clone()
+    for block in blocks:
+        if density < 1.0:
+            count = round(density * block.numel())
+            threshold = block.abs().flatten().kthvalue(block.numel() - count + 1).values
+            block.mul_(block.abs() >= threshold)
+    gamma = torch.sign(blocks.sum(0))
+    agree = (blocks.sign() == gamma).to(blocks.dtype)
+    merged = (agree * blocks).sum(0) / agree.sum(0).clamp_min(1.0)
+    return base.to(torch.float64) + u[:, :rank] @ merged
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (30, 30), (40, 6)], ids=str)
+@pytest.mark.parametrize("low_rank", [False, True], ids=["dense", "rank2"])
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_knots_equals_the_explicit_svd_of_the_deltas_side_by_side(shape, low_rank, density):
+    """Wide stacks go through sum_t tau_t tau_t^T, tall ones (40 x 6, T = 3) through the kernel."""
+    generator = torch.Generator().manual_seed(sum(shape) + low_rank)
+    base = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if low_rank:
+        deltas = [
+            torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)
+            @ torch.randn(2, shape[1], generator=generator, dtype=torch.float64)
+            for _ in range(3)
+        ]
+    else:
+        deltas = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3)]
+    tensors = [base + delta for delta in deltas]
+    merged = merge("knots", base, tensors, density=density)
+    torch.testing.assert_close(merged, knots_by_explicit_svd(base, tensors, density), rtol=1e-6, atol=1e-6)
