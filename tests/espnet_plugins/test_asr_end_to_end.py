@@ -18,34 +18,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, data_args, decode, export_merged, pretrain_base, read_text_file, run_module
-from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
+from espnet_runs import REPO, data_args, decode, export_merged, read_text_file, run_module
+from tiny_corpus import CHARACTERS
 
 pytest.importorskip("espnet2")
 
 
-PRETRAIN_EPOCHS = 20
 ADAPT_EPOCHS = 4
 SSVD_O_CONFIG = REPO / "conf" / "tiny" / "finetune_ssvd_o.yaml"
 TARGETS = ["linear_q", "linear_v", "w_1", "w_2"]
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Source domain (train/valid) and a pitch-shifted target domain (adapt/test)."""
-    root = tmp_path_factory.mktemp("espnet")
-    write_data_dir(root / "data" / "train", 48, shift=1.0, seed=0)
-    write_data_dir(root / "data" / "valid", 8, shift=1.0, seed=1)
-    write_data_dir(root / "data" / "adapt", 32, shift=1.15, seed=2)
-    write_data_dir(root / "data" / "test", 8, shift=1.15, seed=3)
-    write_token_list(root / "data" / "tokens.txt")
-    return root
+def work(tone_corpus: Path) -> Path:
+    return tone_corpus
 
 
 @pytest.fixture(scope="module")
-def pretrained(work: Path) -> Path:
-    """The base model file, trained by stock ESPnet; its config.yaml sits next to it."""
-    return pretrain_base(work, PRETRAIN_EPOCHS)
+def pretrained(tone_base: Path) -> Path:
+    return tone_base
 
 
 def adapt(work: Path, pretrained: Path, name: str, config: Path, *extra: str) -> tuple[Path, str]:

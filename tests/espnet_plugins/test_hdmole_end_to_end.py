@@ -1,7 +1,7 @@
 """HDMoLE through the ESPnet entry points, on two domains with per-utterance domain labels.
 
-A tiny Transformer ASR model is pretrained with stock ``espnet2.bin.asr_train`` on the tone
-corpus at its own pitch; ``espnet_plugins.bin.asr_train`` then adapts it with ``peft: hdmole``
+The tiny Transformer ASR model of the tone corpus (``tone_base`` of conftest.py, pretrained with
+stock ``espnet2.bin.asr_train`` at the corpus's own pitch); ``espnet_plugins.bin.asr_train`` then adapts it with ``peft: hdmole``
 to a mix of that pitch (domain ``source``, id 0) and a shifted one (``shifted``, id 1), reading
 ``utt2domain`` (domain names, ``-`` for a few unlabelled training utterances) as text under
 ``peft_conf.domains``. The domain router pools the layer-normalised input of the first
@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, data_args, decode, export_merged, pretrain_base, read_text_file, run_module
+from espnet_runs import REPO, data_args, decode, export_merged, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
 
-PRETRAIN_EPOCHS = 15
 ADAPT_EPOCHS = 30
 SHIFTS = (1.0, 1.5)
 DOMAINS = ("source", "shifted")
@@ -84,8 +83,6 @@ def domain_id_args(prefix: str, data_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hdmole")
-    write_data_dir(root / "data" / "train", 32, shift=SHIFTS[0], seed=0)
-    write_data_dir(root / "data" / "valid", 8, shift=SHIFTS[0], seed=1)
     write_domain_data(root / "data" / "adapt", 24, seed=10, unlabelled_every=UNLABELLED_EVERY)
     write_domain_data(root / "data" / "heldout", 8, seed=20)
     write_token_list(root / "data" / "tokens.txt")
@@ -93,8 +90,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pretrained(work: Path) -> Path:
-    return pretrain_base(work, PRETRAIN_EPOCHS)
+def pretrained(tone_base: Path) -> Path:
+    """The tone corpus's base model (conftest.py), pretrained on the source domain (shift 1.0)."""
+    return tone_base
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Merging ESPnet experiments end to end, through ``espnet_plugins.bin.merge_models``.
 
-The tiny tone model of ``test_asr_end_to_end.py`` is pretrained by stock ESPnet on the source
-domain and fine-tuned to two pitch-shifted domains (up and down) twice: fully (stock
+The tiny tone model (``tone_base`` of conftest.py, pretrained by stock ESPnet on the source
+domain) is fine-tuned to two pitch-shifted domains (up and down) twice: fully (stock
 ``espnet2.bin.asr_train --init_param``) and with SSVD-O adapters (the plugin). Each pair is merged
 into one ordinary model directory, which stock ``espnet2.bin.asr_inference`` decodes; a grid
 search picks the merge's scaling on dev data.
@@ -15,7 +15,7 @@ import editdistance
 import pytest
 import torch
 import yaml
-from espnet_runs import REPO, TINY_CONFIG, data_args, decode, pretrain_base, read_text_file, run_module
+from espnet_runs import REPO, TINY_CONFIG, data_args, decode, read_text_file, run_module
 from tiny_corpus import CHARACTERS, write_data_dir, write_token_list
 
 pytest.importorskip("espnet2")
@@ -26,16 +26,13 @@ from ssvd_peft.merging import AdapterMerge
 from ssvd_peft.merging import merge_models as merge_state_dicts
 
 DOMAINS = {"up": 1.15, "down": 0.87}
-PRETRAIN_EPOCHS = 20
 ADAPT_EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Source train/valid, per domain adapt and dev sets, and one test set of both domains."""
+    """Per domain adapt and dev sets, and one test set of both domains."""
     root = tmp_path_factory.mktemp("merge")
-    write_data_dir(root / "data" / "train", 48, shift=1.0, seed=0)
-    write_data_dir(root / "data" / "valid", 8, shift=1.0, seed=1)
     for index, (domain, shift) in enumerate(DOMAINS.items()):
         write_data_dir(root / "data" / f"adapt_{domain}", 32, shift=shift, seed=10 + index)
         write_data_dir(root / "data" / f"dev_{domain}", 8, shift=shift, seed=20 + index)
@@ -59,9 +56,9 @@ def join_data_dirs(target: Path, sources: dict[str, Path]) -> None:
 
 
 @pytest.fixture(scope="module")
-def base(work: Path) -> Path:
-    pretrain_base(work, PRETRAIN_EPOCHS)
-    return work / "exp" / "base"
+def base(tone_base: Path) -> Path:
+    """The base model's experiment dir (config.yaml, valid.acc.best.pth)."""
+    return tone_base.parent
 
 
 def fine_tune(work: Path, base: Path, domain: str, kind: str) -> Path:
