@@ -7,7 +7,7 @@ plugin (``espnet2.bin.asr_inference --asr_train_config <dir>/config.yaml --asr_m
 state dict is checked against a model built by the stock task from the written config.
 An adapter without an exact merge (HDMoLE) is exported for one fixed condition (``domain``,
 ``--peft_domain``: for HDMoLE a domain id, or a name from the config's ``domains``), by its
-method's ESPnet extension.
+method's ESPnet extension. A feature-fusion model has no such export (``fusion.py``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from espnet2.utils.yaml_no_alias_safe_dump import yaml_no_alias_safe_dump
 
 from espnet_plugins.extensions import extension_for
+from espnet_plugins.fusion import FUSION_KEY
 from espnet_plugins.options import peft_options, without_peft_options
 from espnet_plugins.task import PeftTaskMixin
 from ssvd_peft.inject import merge_and_unload
@@ -51,6 +53,14 @@ def export_merged(
     g = e_d and uniform local routing; the export then serves that domain only, and not exactly
     as the routed model. ``domain`` is an id or a name from the config's ``domains``.
     """
+    with open(train_config, encoding="utf-8") as f:
+        fused = bool(yaml.safe_load(f).get(FUSION_KEY))
+    if fused:
+        raise ExportError(
+            f"{train_config} is a feature-fusion model: its decoder reads the fusion head's output, "
+            "which no stock ESPnet encoder computes, so it has no plain-model export; decode it with "
+            "espnet_plugins.bin.asr_inference (or s2t_inference), with --peft_merge true to merge adapters"
+        )
     model, args = task.build_model_from_file(train_config, model_file, "cpu")
     options = peft_options(args)
     config = options.adapter_config()

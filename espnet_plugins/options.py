@@ -7,7 +7,8 @@
     peft_modules_to_save: [ctc.ctc_lo]  # trained in full and saved with the adapter
     peft_save: adapter                  # adapter: model files hold adapter tensors only; all
 
-Without ``peft`` the task behaves exactly like ESPnet's.
+A ``fusion`` block (``fusion.py``) uses the same peft_pretrained / peft_modules_to_save / peft_save
+options, with or without ``peft``. Without either block the task behaves exactly like ESPnet's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 
+from espnet_plugins.fusion import FUSION_KEY, FusionOptions, fusion_options
 from ssvd_peft.config import AdapterConfig, PeftConfigError, config_from_dict
 from ssvd_peft.layers.base import DEFAULT_ADAPTER
 from ssvd_peft.registry import method_names
@@ -28,9 +30,10 @@ SAVE_MODES = ("adapter", "all")
 
 @dataclass
 class PeftOptions:
-    """The peft block, read from parsed ESPnet arguments."""
+    """The peft block (``method`` None for feature fusion alone) and the fusion block, read from parsed
+    ESPnet arguments."""
 
-    method: str
+    method: str | None
     conf: dict[str, Any]
     pretrained: str | None = None
     pretrained_config: str | None = None
@@ -38,9 +41,17 @@ class PeftOptions:
     save: str = "adapter"
     adapter_name: str = DEFAULT_ADAPTER
     init_param: list[str] = field(default_factory=list)
+    fusion: FusionOptions | None = None
 
-    def adapter_config(self) -> AdapterConfig:
-        return config_from_dict(self.method, dict(self.conf))
+    def adapter_config(self) -> AdapterConfig | None:
+        """The adapter method's config; None for feature fusion without adapters."""
+        return None if self.method is None else config_from_dict(self.method, dict(self.conf))
+
+    def trained_modules(self) -> list[str]:
+        """Module patterns trained in full and saved with the adapter: ``modules_to_save``, and with a
+        fusion block its head and ``train_modules``."""
+        fused = [] if self.fusion is None else self.fusion.trained_modules()
+        return [*self.modules_to_save, *(name for name in fused if name not in self.modules_to_save)]
 
 
 def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,10 +122,11 @@ def add_peft_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def peft_options(args: argparse.Namespace) -> PeftOptions | None:
-    """The peft block of ``args``, or None when no adapter method is set. ESPnet's own adapters
+    """The peft and fusion blocks of ``args``, or None when neither is set. ESPnet's own adapters
     (``use_adapter: true``) in the same config are refused."""
     method = getattr(args, "peft", None)
-    if method is None:
+    fusion = fusion_options(args)
+    if method is None and fusion is None:
         return None
     moved = dict(getattr(args, "peft_hdmole", None) or {})
     if moved:
@@ -122,6 +134,12 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
             f"peft_hdmole is gone: its keys {sorted(moved)} go into peft_conf now, next to the other "
             f"HDMoLE options (peft_conf: {{..., {', '.join(f'{k}: {v!r}' for k, v in moved.items())}}}); "
             "remove the peft_hdmole block"
+        )
+    if getattr(args, "use_adapter", False) and method is None:
+        raise PeftConfigError(
+            "the fusion block and ESPnet's own --use_adapter true: a fusion model's files hold its head "
+            "and train_modules, so ESPnet's adapters would be lost; remove use_adapter / adapter / "
+            "adapter_conf and put adapters in with a peft block (peft: lora, ...) beside the fusion block"
         )
     if getattr(args, "use_adapter", False):
         raise PeftConfigError(
@@ -139,9 +157,14 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
         save=getattr(args, "peft_save", "adapter"),
         adapter_name=getattr(args, "peft_adapter_name", DEFAULT_ADAPTER),
         init_param=list(getattr(args, "peft_init_param", None) or []),
+        fusion=fusion,
     )
 
 
 def without_peft_options(config: dict[str, Any]) -> dict[str, Any]:
-    """A training config with the peft block removed (what a plain ESPnet model needs)."""
-    return {key: value for key, value in config.items() if key != "peft" and not key.startswith("peft_")}
+    """A training config with the peft and fusion blocks removed (what a plain ESPnet model needs)."""
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in ("peft", FUSION_KEY) and not key.startswith("peft_")
+    }

@@ -25,10 +25,14 @@ from ssvd_peft.adapter_state import AdapterCheckpointError, adapter_fingerprints
 from ssvd_peft.inject import iter_adapter_layers
 
 
-def keep_adapter_entries(model: nn.Module, modules_to_save: list[str]) -> RemovableHandle:
-    """Make ``model.state_dict()`` hold only the adapter entries while the model has adapters."""
+def keep_adapter_entries(
+    model: nn.Module, modules_to_save: list[str], always: bool = False
+) -> RemovableHandle:
+    """Make ``model.state_dict()`` hold only the adapter entries (and ``modules_to_save``) while the
+    model has adapters; with ``always``, also without adapters (a feature-fusion model: its head and
+    trained modules)."""
     return model.register_state_dict_post_hook(
-        partial(_adapter_entries_only, modules_to_save=modules_to_save)
+        partial(_adapter_entries_only, modules_to_save=modules_to_save, always=always)
     )
 
 
@@ -55,9 +59,14 @@ def read_model_file(path: str | Path, role: str, weights_only: bool = True) -> d
 
 
 def _adapter_entries_only(
-    model: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any, modules_to_save: list[str]
+    model: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    _metadata: Any,
+    modules_to_save: list[str],
+    always: bool,
 ) -> None:
-    if not any(True for _ in iter_adapter_layers(model)):
+    if not always and not any(True for _ in iter_adapter_layers(model)):
         return
     own = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     kept = select_adapter_entries(own, modules_to_save)

@@ -12,10 +12,13 @@ Order of events when the config has a peft block:
      HDMoLE also gets its domain router and auxiliary losses), everything but
      the adapters and --peft_modules_to_save is frozen, and the budget is logged (a method's
      ESPnet extension, ``extensions.py``, completes its config before and hooks in after);
-  5. with --peft_save adapter, model files hold only the adapter entries (``state.py``);
-  6. in training, before anything is written, a --resume checkpoint must fit the model, and the
+  5. with a fusion block, the encoder becomes a ``FusedEncoder`` over the loaded (and adapted)
+     encoder, and its head and the fusion block's train_modules are trained too (``fusion.py``);
+  6. with --peft_save adapter, model files hold only the adapter entries and the trained modules
+     (``state.py``);
+  7. in training, before anything is written, a --resume checkpoint must fit the model, and the
      first optimizer step refuses adapters that received no gradient.
-Without a peft block the task is the base task.
+Without a peft or fusion block the task is the base task.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import yaml
 from espnet2.train.abs_espnet_model import AbsESPnetModel
 
 from espnet_plugins.extensions import DOMAIN_KEY, extension_for
+from espnet_plugins.fusion import add_fusion_arguments, attach_fusion, log_fusion_budget
 from espnet_plugins.options import PeftOptions, add_peft_arguments, peft_options
 from espnet_plugins.pretrained import (
     PretrainedModelError,
@@ -62,6 +66,7 @@ class PeftTaskMixin:
     def add_task_arguments(cls, parser: argparse.ArgumentParser) -> None:
         super().add_task_arguments(parser)
         add_peft_arguments(parser)
+        add_fusion_arguments(parser)
 
     @classmethod
     def main_worker(cls, args: argparse.Namespace) -> None:
@@ -93,13 +98,14 @@ class PeftTaskMixin:
         names become ids first)."""
         preprocess = super().build_preprocess_fn(args, train)
         options = peft_options(args)
-        if options is None:
+        if options is None or options.method is None:
             return preprocess
         return extension_for(options.method).wrap_preprocess(preprocess, options.adapter_config())
 
     @classmethod
-    def build_model(cls, args: argparse.Namespace) -> AbsESPnetModel:
-        """The base task's model with its pretrained weights loaded and the adapters injected."""
+    def build_model(cls, args: argparse.Namespace, training: bool = True) -> AbsESPnetModel:
+        """The base task's model with its pretrained weights loaded, the adapters injected and the
+        encoder fused (``training``: with the tap cache, if configured)."""
         options = peft_options(args)
         if options is None:
             return super().build_model(args)
@@ -108,9 +114,19 @@ class PeftTaskMixin:
         _record_init_param(args, options)
         model = cls.build_base_model(args, options)
         load_base_weights(model, options, getattr(args, "ignore_init_mismatch", False))
-        attach_adapters(model, options, config)
-        budget = training_budget(model, options.adapter_name, options.modules_to_save)
-        logger.info("Parameter-efficient fine-tuning with %s:\n%s", config.method, budget)
+        if config is not None:
+            attach_adapters(model, options, config)
+        if options.fusion is not None:
+            fused = attach_fusion(model, options.fusion, training)
+        trained = options.trained_modules()
+        mark_only_adapters_trainable(model, modules_to_save=trained)
+        if options.save == "adapter":
+            keep_adapter_entries(model, trained, always=options.fusion is not None)
+        if config is not None:
+            budget = training_budget(model, options.adapter_name, trained)
+            logger.info("Parameter-efficient fine-tuning with %s:\n%s", config.method, budget)
+        if options.fusion is not None:
+            log_fusion_budget(model, fused)
         return model
 
     @classmethod
@@ -141,7 +157,7 @@ class PeftTaskMixin:
         if options is None:
             return super().build_optimizers(args, model)
         if getattr(args, "resume", False):
-            check_resumable(model, Path(args.output_dir), options.modules_to_save)
+            check_resumable(model, Path(args.output_dir), options.trained_modules())
         optimizers = super().build_optimizers(args, model)
         for optimizer in optimizers:
             require_adapter_gradients(model, optimizer)
@@ -169,24 +185,21 @@ class PeftTaskMixin:
         options = peft_options(args)
         if options is None:
             return super().build_model_from_file(config_file, model_file, device)
-        model = cls.build_model(args)
+        model = cls.build_model(args, training=False)
         if model_file is not None:
             state = read_model_file(model_file, "model file")
-            load_adapter_entries(model, state, options.modules_to_save, str(model_file))
+            load_adapter_entries(model, state, options.trained_modules(), str(model_file))
         if cls.merge_on_load:
             merge_adapters(model)
         return model.to(device), args
 
 
 def attach_adapters(model: torch.nn.Module, options: PeftOptions, config: AdapterConfig) -> InjectionReport:
-    """Inject the adapters, freeze the rest, and choose what the model's state dict holds."""
+    """Inject the adapters with the method's ESPnet extension (the caller freezes the rest)."""
     extension = extension_for(config.method)
     config = extension.prepare_config(model, config)
     report = inject_adapters(model, config, options.adapter_name)
     extension.after_injection(model, config, options.adapter_name)
-    mark_only_adapters_trainable(model, modules_to_save=options.modules_to_save)
-    if options.save == "adapter":
-        keep_adapter_entries(model, options.modules_to_save)
     return report
 
 

@@ -239,3 +239,55 @@ def test_an_s2t_model_given_to_the_asr_task_is_named_as_the_cause(pretrained: Pa
     assert f"--peft_pretrained '{owsm / 'model.pth'}'" in message
     assert str(owsm / "config.yaml") in message and "sym_na" in message
     assert "espnet_plugins.bin.s2t_train" in message
+
+
+FUSION = {"fusion": {"variant": "ladder", "taps": "all", "reduction": 4, "attention_heads": 2}}
+
+
+def test_fusion_with_adapters_trains_the_head_decoder_ctc_and_adapters_only(
+    pretrained, tmp_path: Path
+) -> None:
+    config = {**PEFT, **FUSION, "peft_pretrained": str(pretrained), "output_dir": str(tmp_path / "exp")}
+    model = PeftS2TTask.build_model(parse(PeftS2TTask, config, tmp_path / "fusion.yaml"))
+    loss, _, _ = model(**batch())
+    loss.backward()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("encoder.head.") for name in trainable)
+    assert all(
+        name.startswith(("encoder.head.", "decoder.", "ctc.")) or ".peft_adapters.default." in name
+        for name in trainable
+    )
+    encoder_adapters = [
+        p for name, p in model.named_parameters() if name.startswith("encoder.taps.") and p.requires_grad
+    ]
+    assert encoder_adapters and all(p.grad is not None for p in encoder_adapters)
+    saved = set(model.state_dict())
+    assert saved >= {name for name in trainable if not name.startswith("decoder.")}
+    assert not any(
+        name.startswith("encoder.taps.") and ".peft_adapters." not in name
+        for name in saved - {name for name in saved if name.endswith("base_fingerprint")}
+    )
+
+
+def test_fusion_through_the_s2t_entry_points_decodes(pretrained: Path, tmp_path: Path) -> None:
+    data = s2t_data_dir(tmp_path / "data")
+    config = {**FUSION, "batch_type": "unsorted", "batch_size": 8, "num_workers": 0, "max_epoch": 2}
+    config.update(optim="adam", optim_conf={"lr": 0.01}, use_matplotlib=False, use_tensorboard=False)
+    (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(config))
+    args = ["--config", "fusion.yaml", "--peft_pretrained", str(pretrained), "--output_dir", "exp"]
+    args += s2t_data_args("train", data) + s2t_data_args("valid", data)
+    log = run_module("espnet_plugins.bin.s2t_train", args, tmp_path, tmp_path / "train.log")
+    assert "2epoch results" in log and "Feature fusion (Ladder" in log
+    decoding = ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", "--batch_size", "1"]
+    decoding += ["--beam_size", "2", "--ngpu", "0", "--lang_sym", "<en>", "--task_sym", "<asr>"]
+    model = ["--s2t_train_config", "exp/config.yaml", "--s2t_model_file", "exp/2epoch.pth"]
+    run_module(
+        "espnet_plugins.bin.s2t_inference",
+        [*model, "--output_dir", "fused", *decoding],
+        tmp_path,
+        tmp_path / "d.log",
+    )
+    assert (
+        read_text_file(tmp_path / "fused" / "1best_recog" / "text").keys()
+        == read_text_file(data / "text").keys()
+    )
