@@ -29,11 +29,12 @@ import copy
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from autograd_memory import saved_for_backward_bytes, unique_bytes
 from torch import nn
 
 from ssvd_peft.budget import equal_budget_configs
@@ -225,28 +226,6 @@ def median_step_seconds(
             spent += times[name][-1]
         repeat += 1
     return {name: statistics.median(values) for name, values in times.items()}, repeat
-
-
-def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves during one forward, minus parameters and buffers."""
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(x)
-    return sum(saved.values())
 
 
 def measure_memory(variant: Variant, x: torch.Tensor) -> tuple[int, int, int]:

@@ -13,6 +13,8 @@ Every system is built by the plugin's task from its training-config blocks, as `
     f0, f1, f2  fusion alone over every tap: weighted_sum, grouped (3 groups), ladder (width D / 8,
                 2 heads); the decoder and CTC head trained in full
     f1+lora     grouped fusion with LoRA rank 8 in the encoder's blocks
+    f1+dec      grouped fusion, the decoder adapted by LoRA rank 8 instead of trained in full (only the
+                CTC head in full): fusion at an adapter's budget
 
 Models: ``recipe``, the offline recipe's base (``egs/synth_domains/asr1/pretrained/full``: Conformer,
 6 blocks of 144, 300 tokens; its trained weights), batches of 8 utterances of 3 s; ``owsm``, OWSM
@@ -44,6 +46,7 @@ from typing import Any
 
 import torch
 import yaml
+from autograd_memory import saved_for_backward_bytes
 from owsm_shapes import build_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,17 +54,24 @@ RECIPE_BASE = REPO / "egs" / "synth_domains" / "asr1" / "pretrained" / "full"
 MB = 2.0**20
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_out", "w_1", "w_2"]
 LORA = {"peft": "lora", "peft_conf": {"target_modules": TARGETS, "rank": 8, "alpha": 16}}
-ENCODER_LORA = {
-    "peft": "lora",
-    "peft_conf": {"target_modules": [rf"encoder\..*\.{t}" for t in TARGETS], "rank": 8},
-}
+
+
+def lora_in(part: str) -> dict[str, Any]:
+    """A LoRA block (rank 8, the recipe's budget) on the attention and feed-forward linears of ``part``."""
+    return {
+        "peft": "lora",
+        "peft_conf": {"target_modules": [rf"{part}\..*\.{t}" for t in TARGETS], "rank": 8, "alpha": 16},
+    }
+
+
 SYSTEMS: dict[str, dict[str, Any]] = {
     "full": {},
     "lora": LORA,
     "f0": {"fusion": {"variant": "weighted_sum"}},
     "f1": {"fusion": {"variant": "grouped", "groups": 3}},
     "f2": {"fusion": {"variant": "ladder", "reduction": 8, "attention_heads": 2}},
-    "f1+lora": {"fusion": {"variant": "grouped", "groups": 3}, **ENCODER_LORA},
+    "f1+lora": {"fusion": {"variant": "grouped", "groups": 3}, **lora_in("encoder")},
+    "f1+dec": {"fusion": {"variant": "grouped", "groups": 3, "train_modules": ["ctc"]}, **lora_in("decoder")},
 }
 FUSION_ONLY = ("f0", "f1", "f2")
 FUSION_STEP_TARGET = 0.5
@@ -94,7 +104,7 @@ def recipe_bench(work: Path, quick: bool) -> Bench:
     from espnet_plugins.tasks.asr import PeftASRTask
 
     config = yaml.safe_load((RECIPE_BASE / "config.yaml").read_text())
-    config.update(specaug=None, bpemodel=str(RECIPE_BASE / "bpe.model"))
+    config.update(specaug=None)
     weights = RECIPE_BASE / "valid.acc.ave.pth"
     if quick:
         config["encoder_conf"] = {
@@ -187,22 +197,6 @@ def training_step(
     optimizer.step()
 
 
-def activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves in one training forward, parameters excluded."""
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
-    return sum(saved.values())
-
-
 def measure(bench: Bench, system: str, steps: int) -> Row:
     model = build(bench, system)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -218,7 +212,7 @@ def measure(bench: Bench, system: str, steps: int) -> Row:
         start = time.perf_counter()
         training_step(model, optimizer, batch)
         seconds.append(time.perf_counter() - start)
-    memory = activation_bytes(model, batches[0])
+    memory = saved_for_backward_bytes(model, **batches[0])
     return Row(system, sum(p.numel() for p in trainable), encoder, statistics.median(seconds), memory)
 
 

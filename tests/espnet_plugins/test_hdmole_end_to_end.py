@@ -1,13 +1,13 @@
 """HDMoLE through the ESPnet entry points, on two domains with per-utterance domain labels.
 
 The tiny Transformer ASR model of the tone corpus (``tone_base`` of conftest.py, pretrained with
-stock ``espnet2.bin.asr_train`` at the corpus's own pitch); ``espnet_plugins.bin.asr_train`` then adapts it with ``peft: hdmole``
-to a mix of that pitch (domain ``source``, id 0) and a shifted one (``shifted``, id 1), reading
-``utt2domain`` (domain names, ``-`` for a few unlabelled training utterances) as text under
-``peft_conf.domains``. The domain router pools the layer-normalised input of the first
-encoder block's self-attention over the valid frames (its padding mask), so every adapted
-layer is routed with the current batch's domain. A short run with two processes (DDP, gloo)
-reads the integer ids of ``utt2domain_id`` as text_int.
+stock ``espnet2.bin.asr_train`` at the corpus's own pitch) is adapted by
+``espnet_plugins.bin.asr_train`` with ``peft: hdmole`` to a mix of that pitch (domain ``source``,
+id 0) and a shifted one (``shifted``, id 1), reading ``utt2domain`` (domain names, ``-`` for a few
+unlabelled training utterances) as text under ``peft_conf.domains``. The domain router pools the
+layer-normalised input of the first encoder block's self-attention over the valid frames (its
+padding mask), so every adapted layer is routed with the current batch's domain. A short run with
+two processes (DDP, gloo) reads the integer ids of ``utt2domain_id`` as text_int.
 """
 
 from __future__ import annotations

@@ -179,22 +179,31 @@ def s2t_data_args(prefix: str, data: Path) -> list[str]:
     return [*args, f"--{prefix}_shape_file", f"{data}/speech_shape"]
 
 
+def train_two_epochs(block: dict, pretrained: Path, data: Path, work: Path) -> str:
+    """``espnet_plugins.bin.s2t_train`` with ``block`` for 2 epochs into ``work``/exp; its log."""
+    config = {**block, "batch_type": "unsorted", "batch_size": 8, "num_workers": 0, "max_epoch": 2}
+    config.update(optim="adam", optim_conf={"lr": 0.01}, use_matplotlib=False, use_tensorboard=False)
+    (work / "train.yaml").write_text(yaml.safe_dump(config))
+    args = ["--config", "train.yaml", "--peft_pretrained", str(pretrained), "--output_dir", "exp"]
+    args += s2t_data_args("train", data) + s2t_data_args("valid", data)
+    return run_module("espnet_plugins.bin.s2t_train", args, work, work / "train.log")
+
+
+def decoding_args(data: Path) -> list[str]:
+    args = ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", "--batch_size", "1"]
+    return [*args, "--beam_size", "2", "--ngpu", "0", "--lang_sym", "<en>", "--task_sym", "<asr>"]
+
+
 def test_entry_points_train_decode_and_export(pretrained: Path, tmp_path: Path) -> None:
     data = s2t_data_dir(tmp_path / "data")
-    config = {**PEFT, "batch_type": "unsorted", "batch_size": 8, "num_workers": 0, "max_epoch": 2}
-    config.update(optim="adam", optim_conf={"lr": 0.01}, use_matplotlib=False, use_tensorboard=False)
-    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
-    args = ["--config", "finetune.yaml", "--peft_pretrained", str(pretrained), "--output_dir", "exp"]
-    args += s2t_data_args("train", data) + s2t_data_args("valid", data)
-    log = run_module("espnet_plugins.bin.s2t_train", args, tmp_path, tmp_path / "train.log")
+    log = train_two_epochs(PEFT, pretrained, data, tmp_path)
     assert "2epoch results" in log
     assert (tmp_path / "exp" / "peft_budget.txt").is_file() and (
         tmp_path / "exp" / "peft_budget.json"
     ).is_file()
     assert (tmp_path / "exp" / "2epoch.pth").stat().st_size < 0.25 * pretrained.stat().st_size
 
-    decoding = ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", "--batch_size", "1"]
-    decoding += ["--beam_size", "2", "--ngpu", "0", "--lang_sym", "<en>", "--task_sym", "<asr>"]
+    decoding = decoding_args(data)
     model = ["--s2t_train_config", "exp/config.yaml", "--s2t_model_file", "exp/2epoch.pth"]
     run_module(
         "espnet_plugins.bin.s2t_inference",
@@ -271,15 +280,9 @@ def test_fusion_with_adapters_trains_the_head_decoder_ctc_and_adapters_only(
 
 def test_fusion_through_the_s2t_entry_points_decodes(pretrained: Path, tmp_path: Path) -> None:
     data = s2t_data_dir(tmp_path / "data")
-    config = {**FUSION, "batch_type": "unsorted", "batch_size": 8, "num_workers": 0, "max_epoch": 2}
-    config.update(optim="adam", optim_conf={"lr": 0.01}, use_matplotlib=False, use_tensorboard=False)
-    (tmp_path / "fusion.yaml").write_text(yaml.safe_dump(config))
-    args = ["--config", "fusion.yaml", "--peft_pretrained", str(pretrained), "--output_dir", "exp"]
-    args += s2t_data_args("train", data) + s2t_data_args("valid", data)
-    log = run_module("espnet_plugins.bin.s2t_train", args, tmp_path, tmp_path / "train.log")
+    log = train_two_epochs(FUSION, pretrained, data, tmp_path)
     assert "2epoch results" in log and "Feature fusion (Ladder" in log
-    decoding = ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", "--batch_size", "1"]
-    decoding += ["--beam_size", "2", "--ngpu", "0", "--lang_sym", "<en>", "--task_sym", "<asr>"]
+    decoding = decoding_args(data)
     model = ["--s2t_train_config", "exp/config.yaml", "--s2t_model_file", "exp/2epoch.pth"]
     run_module(
         "espnet_plugins.bin.s2t_inference",
