@@ -5,7 +5,9 @@ files holding what was trained, the tap cache reproducing the uncached model, an
 
 from __future__ import annotations
 
+import csv
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,56 @@ def test_a_plain_model_export_of_a_fused_model_is_refused(
         expect_failure=True,
     )
     assert "feature-fusion model" in log and not (tone_corpus / "export_fused").exists()
+
+
+@pytest.fixture(scope="module")
+def fusion_layers():
+    common = REPO / "egs" / "common" / "pyscripts"
+    if str(common) not in sys.path:
+        sys.path.insert(0, str(common))
+    import fusion_layers
+
+    return fusion_layers
+
+
+def test_the_layer_analysis_trains_a_head_per_tap_and_scores_each(
+    tone_corpus: Path, tone_base: Path, fusion_layers
+) -> None:
+    config = tone_corpus / "layers.yaml"
+    config.write_text(yaml.safe_dump({**TRAINING, "fusion": {"variant": "weighted_sum"}}))
+    output = tone_corpus / "exp" / "layers"
+    train = ["--peft_pretrained", str(tone_base), "--max_epoch", "1"]
+    train += data_args("train", tone_corpus / "data" / "adapt") + data_args(
+        "valid", tone_corpus / "data" / "test"
+    )
+    decoding = tone_corpus / "layers_decode.yaml"
+    decoding.write_text(yaml.safe_dump({"batch_size": 1, "beam_size": 2, "ctc_weight": 0.5, "ngpu": 0}))
+    argv = ["--config", str(config), "--layers", "all", "--output_dir", str(output)]
+    argv += ["--decode_config", str(decoding)]
+    fusion_layers.main([*argv, "--test", f"shifted={tone_corpus / 'data' / 'test'}", "--", *train])
+    with (output / "layers.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["layer"] for row in rows] == ["0", "1", "2"]  # the embedding output and both blocks
+    assert all(0 <= float(row["CER"]) <= 100 and row["words"] == rows[0]["words"] for row in rows)
+    for layer in (0, 1, 2):
+        trained = yaml.safe_load((output / f"layer{layer}" / "config.yaml").read_text())["fusion"]
+        assert trained["taps"] == [layer] and trained["variant"] == "weighted_sum"
+    assert (output / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_layer_analysis_asks_for_layers_it_cannot_count(tmp_path: Path, fusion_layers) -> None:
+    config = tmp_path / "layers.yaml"
+    config.write_text(yaml.safe_dump({"fusion": {"variant": "weighted_sum"}}))
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "text").write_text("u1 a\n")
+    argv = [
+        "--config",
+        str(config),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--test",
+        f"dev={tmp_path / 'dev'}",
+    ]
+    with pytest.raises(SystemExit, match="list the layers instead"):
+        fusion_layers.main(argv)
+    assert not (tmp_path / "out").exists()
