@@ -292,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     from espnet_plugins.offline import import_without_downloads
 
     import_without_downloads("espnet2.text.phoneme_tokenizer")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     builders = {"recipe": recipe_bench, "owsm": owsm_bench}
     missed = 0
     for name in args.models:

@@ -189,6 +189,13 @@ def train_two_epochs(block: dict, pretrained: Path, data: Path, work: Path) -> s
     return run_module("espnet_plugins.bin.s2t_train", args, work, work / "train.log")
 
 
+def decode_with_plugin(data: Path, work: Path, output: str) -> None:
+    """The plugin's s2t_inference of ``work``/exp/2epoch.pth on ``data``, into ``work``/``output``."""
+    model = ["--s2t_train_config", "exp/config.yaml", "--s2t_model_file", "exp/2epoch.pth"]
+    args = [*model, "--output_dir", output, *decoding_args(data)]
+    run_module("espnet_plugins.bin.s2t_inference", args, work, work / f"{output}.log")
+
+
 def decoding_args(data: Path) -> list[str]:
     args = ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound", "--batch_size", "1"]
     return [*args, "--beam_size", "2", "--ngpu", "0", "--lang_sym", "<en>", "--task_sym", "<asr>"]
@@ -203,14 +210,9 @@ def test_entry_points_train_decode_and_export(pretrained: Path, tmp_path: Path) 
     ).is_file()
     assert (tmp_path / "exp" / "2epoch.pth").stat().st_size < 0.25 * pretrained.stat().st_size
 
+    decode_with_plugin(data, tmp_path, "adapted")
     decoding = decoding_args(data)
     model = ["--s2t_train_config", "exp/config.yaml", "--s2t_model_file", "exp/2epoch.pth"]
-    run_module(
-        "espnet_plugins.bin.s2t_inference",
-        [*model, "--output_dir", "adapted", *decoding],
-        tmp_path,
-        tmp_path / "adapted.log",
-    )
     run_module(
         "espnet_plugins.bin.export_merged",
         ["--task", "s2t", *model, "--output_dir", "export"],
@@ -282,14 +284,7 @@ def test_fusion_through_the_s2t_entry_points_decodes(pretrained: Path, tmp_path:
     data = s2t_data_dir(tmp_path / "data")
     log = train_two_epochs(FUSION, pretrained, data, tmp_path)
     assert "2epoch results" in log and "Feature fusion (Ladder" in log
-    decoding = decoding_args(data)
-    model = ["--s2t_train_config", "exp/config.yaml", "--s2t_model_file", "exp/2epoch.pth"]
-    run_module(
-        "espnet_plugins.bin.s2t_inference",
-        [*model, "--output_dir", "fused", *decoding],
-        tmp_path,
-        tmp_path / "d.log",
-    )
+    decode_with_plugin(data, tmp_path, "fused")
     assert (
         read_text_file(tmp_path / "fused" / "1best_recog" / "text").keys()
         == read_text_file(data / "text").keys()
