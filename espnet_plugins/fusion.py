@@ -5,6 +5,7 @@ encoder of a pretrained ASR or speech-to-text model.
       variant: grouped               # weighted_sum (F0) | grouped (F1) | ladder (F2) | layer_conv (F3)
       taps: all                      # or block indices, e.g. [0, 2, 4, 6] (0: the embedding output)
       groups: 3                      # grouped: contiguous groups of taps (or lists of taps)
+      residual: false                # true: encoder output + zero-init gate * fusion (starts as the base)
       reduction: 8                   # ladder: side width = encoder width / reduction
       train_modules: [decoder, ctc]  # trained in full beside the head (the default)
       cache_dir: null                # tap cache on disk (a frozen encoder and specaug: null)
@@ -41,7 +42,15 @@ from espnet2.utils.nested_dict_action import NestedDictAction
 from torch import nn
 
 from ssvd_peft.errors import PeftConfigError
-from ssvd_peft.fusion import FusionConfig, FusionHead, TapCache, TappedEncoder, build_fusion_head
+from ssvd_peft.fusion import (
+    FusionConfig,
+    FusionHead,
+    ResidualGate,
+    TapCache,
+    TappedEncoder,
+    build_fusion_head,
+    check_residual,
+)
 from ssvd_peft.layers.base import is_adapter_parameter
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ FUSION_KEY = "fusion"
 TRAIN_MODULES_KEY = "train_modules"
 DEFAULT_TRAIN_MODULES = ("decoder", "ctc")
 HEAD = "encoder.head"  # the fusion head's module path in the model
+RESIDUAL = "encoder.residual"  # the gate of a residual fusion
+TAPS = "encoder.taps"  # the tapped (frozen or adapted) encoder's module path
 
 
 @dataclass
@@ -60,8 +71,8 @@ class FusionOptions:
     train_modules: list[str]
 
     def trained_modules(self) -> list[str]:
-        """Module patterns trained in full (and saved): the head and ``train_modules``."""
-        return [HEAD, *self.train_modules]
+        """Module patterns trained in full (and saved): the head (and gate) and ``train_modules``."""
+        return [HEAD, *([RESIDUAL] if self.config.residual else []), *self.train_modules]
 
 
 def add_fusion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +136,10 @@ def hidden_state(state: Any) -> torch.Tensor:
 class FusedEncoder(AbsEncoder):
     """E(X) = head([H_l for l in S], mask): an ESPnet encoder whose output is the fusion of the frozen
     pretrained encoder's hidden states H_l (H_0 the embedding output, H_l the output of block l, before
-    the encoder's final norm). Returns (fused (B, T', out_dim), lengths (B,), None) like every ESPnet
-    encoder; ``output_size()`` is the head's width (the pretrained encoder's unless ``out_dim`` is set).
+    the encoder's final norm). With ``residual``, E(X) = N(H_L) + g * head(...), N the encoder's frozen
+    ``after_norm`` (identity if it has none) and g a gate at zero: the pretrained encoder at init.
+    Returns (fused (B, T', out_dim), lengths (B,), None) like every ESPnet encoder; ``output_size()``
+    is the head's width (the pretrained encoder's unless ``out_dim`` is set).
     """
 
     def __init__(self, encoder: AbsEncoder, config: FusionConfig, cache: TapCache | None = None) -> None:
@@ -143,6 +156,11 @@ class FusedEncoder(AbsEncoder):
             EncoderEmbedding(encoder.embed), blocks, taps, hidden=hidden_state, cache=cache
         )
         self.head: FusionHead = build_fusion_head(config, encoder.output_size(), taps)
+        self.residual: ResidualGate | None = None
+        if config.residual:
+            check_residual(taps, len(blocks), encoder.output_size(), self.head.out_dim)
+            self.final_norm = getattr(encoder, "after_norm", None) or nn.Identity()
+            self.residual = ResidualGate(self.head.out_dim)
         self.interctc_use_conditioning = False
 
     def output_size(self) -> int:
@@ -152,7 +170,10 @@ class FusedEncoder(AbsEncoder):
         self, xs_pad: torch.Tensor, ilens: torch.Tensor, prev_states: torch.Tensor | None = None, **_: Any
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         taps, mask, lengths = self.taps(xs_pad, ilens)
-        return self.head(taps, mask), lengths, None
+        fused = self.head(taps, mask)
+        if self.residual is not None:
+            fused = self.residual(self.final_norm(taps[-1]), fused)
+        return fused, lengths, None
 
 
 def attach_fusion(model: nn.Module, options: FusionOptions, training: bool) -> FusedEncoder:
@@ -187,20 +208,30 @@ def tap_cache(model: nn.Module, config: FusionConfig) -> TapCache | None:
     return TapCache(directory, config.cache_max_bytes)
 
 
-def log_fusion_budget(model: nn.Module, fused: FusedEncoder) -> None:
+def fusion_budget(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of a fused model: the head (with a residual fusion's gate), the trainable
+    encoder parameters (adapters), every trainable parameter (head, adapters, train_modules) and the
+    whole model."""
     named = dict(model.named_parameters())
-    head = sum(p.numel() for p in fused.head.parameters())
-    encoder_trainable = sum(
-        p.numel() for n, p in named.items() if n.startswith("encoder.taps.") and p.requires_grad
-    )
-    trainable = sum(p.numel() for p in named.values() if p.requires_grad)
+    return {
+        "head": sum(p.numel() for n, p in named.items() if n.startswith((f"{HEAD}.", f"{RESIDUAL}."))),
+        "encoder_trainable": sum(
+            p.numel() for n, p in named.items() if n.startswith(f"{TAPS}.") and p.requires_grad
+        ),
+        "trainable": sum(p.numel() for p in named.values() if p.requires_grad),
+        "model_parameters": sum(p.numel() for p in named.values()),
+    }
+
+
+def log_fusion_budget(model: nn.Module, fused: FusedEncoder) -> None:
+    budget = fusion_budget(model)
     logger.info(
         "Feature fusion (%s over taps %s): head %d parameters, encoder (adapters) %d, trainable in all %d "
         "of %d",
         type(fused.head).__name__,
         fused.taps.taps,
-        head,
-        encoder_trainable,
-        trainable,
-        sum(p.numel() for p in named.values()),
+        budget["head"],
+        budget["encoder_trainable"],
+        budget["trainable"],
+        budget["model_parameters"],
     )

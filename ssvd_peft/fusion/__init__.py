@@ -7,7 +7,8 @@ F0 ``weighted_sum`` (SUPERB), F1 ``grouped``, F2 ``ladder`` (Ladder Side-Tuning)
 ``config``: ``FusionConfig`` (taps, variant, knobs, cache) from a YAML block; ``registry``: the
 fusion heads by name (``build_fusion_head``); ``weighted``, ``ladder``, ``layer_conv``: the heads
 (importing this package registers them); ``runner``: ``TappedEncoder``, the frozen encoder run up to
-its deepest tap; ``cache``: ``TapCache``, taps on disk; ``model``: ``FeatureFusion``, runner and head.
+its deepest tap; ``cache``: ``TapCache``, taps on disk; ``residual``: ``ResidualGate``, the fusion added to
+the pretrained encoder's output through a gate at zero; ``model``: ``FeatureFusion``, runner and head.
 """
 
 from ssvd_peft.fusion.cache import TapCache
@@ -22,6 +23,7 @@ from ssvd_peft.fusion.registry import (
     fusion_head_names,
     get_fusion_head,
 )
+from ssvd_peft.fusion.residual import ResidualGate, check_residual
 from ssvd_peft.fusion.runner import TappedEncoder
 from ssvd_peft.fusion.weighted import Grouped, NormalisedWeightedSum, WeightedSum
 
@@ -33,11 +35,13 @@ __all__ = [
     "Ladder",
     "LayerConv",
     "NormalisedWeightedSum",
+    "ResidualGate",
     "SideBlock",
     "TapCache",
     "TappedEncoder",
     "WeightedSum",
     "build_fusion_head",
+    "check_residual",
     "fusion_head",
     "fusion_head_names",
     "get_fusion_head",

@@ -41,6 +41,11 @@ class FusionConfig:
     dropout: float = option("ladder: dropout inside the side blocks", default=0.1)
     kernel_size: int = option("layer_conv: kernel along the layer axis, 2 or 3", default=3)
     out_dim: int | None = option("width of the fused output; None: the encoder's width", default=None)
+    residual: bool = option(
+        "start from the pretrained encoder: z = N(H_L) + g * head(taps), gate g zero at init (needs the "
+        "last block among the taps)",
+        default=False,
+    )
     cache_dir: str | None = option(
         "directory of the on-disk tap cache; None: no cache (needs a frozen, deterministic encoder)",
         default=None,
@@ -64,6 +69,8 @@ class FusionConfig:
                 )
         if self.out_dim is not None and not is_positive_int(self.out_dim):
             raise PeftConfigError(f"fusion: out_dim must be a positive integer or None, got {self.out_dim!r}")
+        if not isinstance(self.residual, bool):
+            raise PeftConfigError(f"fusion: residual must be true or false, got {self.residual!r}")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise PeftConfigError(f"fusion: dropout must be in [0, 1), got {self.dropout!r}")
         if self.kernel_size not in (2, 3):

@@ -56,6 +56,22 @@ def test_taps_are_the_encoders_hidden_states(family: str) -> None:
     assert fused.output_size() == base.output_size()
 
 
+@pytest.mark.parametrize("family", ENCODERS)
+def test_a_residual_fusion_is_the_pretrained_encoder_until_its_gate_moves(family: str) -> None:
+    base = encoder(family)
+    with torch.no_grad():
+        expected, lengths, _ = base(features(), LENGTHS)
+    fused = FusedEncoder(frozen(base), FusionConfig(taps="all", variant="grouped", groups=2, residual=True))
+    fused.train()
+    out, out_lengths, _ = fused(features(), LENGTHS)
+    assert torch.equal(out_lengths, lengths)
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out[row, :length], expected[row, :length], rtol=1e-6, atol=1e-6)
+    out[0, : int(lengths[0])].sum().backward()
+    assert fused.residual.gate.grad.abs().sum() > 0
+    assert all(p.grad is None for p in base.parameters())
+
+
 @pytest.mark.parametrize("variant", ["weighted_sum", "grouped", "ladder", "layer_conv"])
 @pytest.mark.parametrize("family", ENCODERS)
 def test_only_the_head_learns_and_no_block_above_the_deepest_tap_runs(family: str, variant: str) -> None:

@@ -79,3 +79,36 @@ def test_a_head_over_another_number_of_taps_is_refused() -> None:
     embed, blocks = toy_encoder()
     with pytest.raises(PeftConfigError, match=r"head fuses 2 taps but the encoder yields 3 \(\[0, 1, 3\]\)"):
         FeatureFusion(TappedEncoder(embed, blocks, [0, 1, 3]), WeightedSum(2, DIM, DIM))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_residual_fusion_starts_as_the_encoders_output_and_then_learns(variant: str) -> None:
+    torch.manual_seed(0)
+    embed, blocks = toy_encoder()
+    final_norm = torch.nn.LayerNorm(DIM)
+    torch.nn.init.normal_(final_norm.weight)
+    config = FusionConfig(variant=variant, taps=[0, 2, 4], reduction=4, groups=2, residual=True)
+    fusion = FeatureFusion.from_config(config, embed=embed, blocks=blocks, dim=DIM, final_norm=final_norm)
+    fusion.train()
+    x, lengths = toy_batch([10, 7, 9])
+    z, _ = fusion(x, lengths)
+    with torch.no_grad():
+        taps, _, _ = fusion.encoder(x, lengths)
+    assert torch.equal(z, final_norm(taps[-1]))  # the gate is zero: exactly N(H_L)
+    z.square().sum().backward()
+    assert fusion.residual.gate.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in fusion.head.parameters())
+    assert final_norm.weight.grad is None and not final_norm.weight.requires_grad
+    optimizer = torch.optim.Adam(fusion.trainable_parameters(), lr=0.1)
+    optimizer.step()
+    assert not torch.equal(fusion(x, lengths)[0], z)
+    assert fusion.parameter_counts()["head"] == sum(p.numel() for p in fusion.head.parameters()) + DIM
+
+
+def test_a_residual_fusion_needs_the_last_block_and_the_encoders_width() -> None:
+    with pytest.raises(PeftConfigError, match=r"add 4 to the taps or set residual: false"):
+        toy_fusion(taps=[0, 1, 3], residual=True)
+    with pytest.raises(PeftConfigError, match=r"drop out_dim or set residual: false"):
+        toy_fusion(taps=[0, 4], out_dim=8, residual=True)
+    with pytest.raises(PeftConfigError, match=r"residual must be true or false"):
+        FusionConfig(residual="yes")
