@@ -1,8 +1,9 @@
 """ESPnet's trainer, made aware of adapters. Its options (ESPnet's ``TrainerOptions`` plus the peft
 block's method, adapter name and modules_to_save, built from the parsed arguments as ESPnet builds
 its own) tell it what to do: write the parameter budget into the experiment directory (the table,
-``peft_budget.txt``, and the data, ``peft_budget.json``), resume from adapter-only checkpoints, and
-let the method's ESPnet extension (HDMoLE: per-layer routing statistics) see every validation epoch.
+``peft_budget.txt``, and the data, ``peft_budget.json``; with a fusion block, ``fusion_budget.json``),
+resume from adapter-only checkpoints, and let the method's ESPnet extension (HDMoLE: per-layer routing
+statistics) see every validation epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from espnet2.train.trainer import Trainer, TrainerOptions
 from espnet2.utils.build_dataclass import build_dataclass
 
 from espnet_plugins.extensions import extension_for
+from espnet_plugins.fusion import fusion_budget
 from espnet_plugins.state import read_model_file
 from ssvd_peft.adapter_state import load_adapter_entries
 from ssvd_peft.budget import training_budget
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 BUDGET_FILE = "peft_budget.txt"
 BUDGET_DATA = "peft_budget.json"
+FUSION_BUDGET_DATA = "fusion_budget.json"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class PeftTrainerOptions(TrainerOptions):
     peft: str | None = None
     peft_adapter_name: str = DEFAULT_ADAPTER
     peft_modules_to_save: list[str] = field(default_factory=list)
+    fusion: dict[str, Any] | None = None
 
 
 def write_budget(model: torch.nn.Module, options: PeftTrainerOptions) -> None:
@@ -49,6 +53,14 @@ def write_budget(model: torch.nn.Module, options: PeftTrainerOptions) -> None:
     (output_dir / BUDGET_FILE).write_text(f"{budget}\n", encoding="utf-8")
     (output_dir / BUDGET_DATA).write_text(json.dumps(budget.to_dict(), indent=1) + "\n", encoding="utf-8")
     logger.info("Wrote the adapter parameter budget to %s and %s", BUDGET_FILE, BUDGET_DATA)
+
+
+def write_fusion_budget(model: torch.nn.Module, options: PeftTrainerOptions) -> None:
+    """``fusion_budget.json``: the parameter counts of a fused model (head, encoder adapters, trainable)."""
+    path = Path(options.output_dir) / FUSION_BUDGET_DATA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fusion_budget(model), indent=1) + "\n", encoding="utf-8")
+    logger.info("Wrote the fusion parameter counts to %s", FUSION_BUDGET_DATA)
 
 
 class PeftTrainer(Trainer):
@@ -70,6 +82,8 @@ class PeftTrainer(Trainer):
         is_main = not distributed_option.distributed or distributed_option.dist_rank == 0
         if trainer_options.peft is not None and is_main:
             write_budget(model, trainer_options)
+        if trainer_options.fusion is not None and is_main:
+            write_fusion_budget(model, trainer_options)
         super().run(
             model=model, trainer_options=trainer_options, distributed_option=distributed_option, **kwargs
         )

@@ -6,6 +6,7 @@ files holding what was trained, the tap cache reproducing the uncached model, an
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sys
 from pathlib import Path
@@ -81,6 +82,10 @@ def test_model_files_hold_the_head_and_the_trained_modules_only(
         key for key in state if key.startswith(("decoder.", "ctc."))
     }
     assert not torch.equal(state["ctc.ctc_lo.weight"], base["ctc.ctc_lo.weight"])
+    counts = json.loads((exp / "fusion_budget.json").read_text())
+    assert counts["trainable"] == sum(value.numel() for value in state.values())
+    assert counts["head"] == sum(v.numel() for k, v in state.items() if k.startswith("encoder.head."))
+    assert counts["encoder_trainable"] == 0 and not (exp / "peft_budget.json").exists()
 
 
 def test_fusion_with_adapters_saves_and_trains_the_adapters_too(fusion_lora: tuple[Path, str]) -> None:
@@ -91,6 +96,10 @@ def test_fusion_with_adapters_saves_and_trains_the_adapters_too(fusion_lora: tup
     assert len(lora_b) == 14 and all(value.abs().sum() > 0 for value in lora_b)
     others = {key for key in state if ".peft_adapters." not in key and not key.endswith("base_fingerprint")}
     assert all(key.startswith(TRAINED_PREFIXES) for key in others)
+    counts = json.loads((exp / "fusion_budget.json").read_text())
+    encoder_lora = [v for k, v in state.items() if k.startswith("encoder.taps.") and ".peft_adapters." in k]
+    assert counts["encoder_trainable"] == sum(value.numel() for value in encoder_lora) > 0
+    assert counts["trainable"] == json.loads((exp / "peft_budget.json").read_text())["trainable"]
 
 
 def test_fused_models_decode_better_than_the_base_on_the_new_domain(
