@@ -101,16 +101,26 @@ class ErrorRate:
         return 100.0 * self.errors / max(self.length, 1)
 
 
+def utterance_errors(
+    references: dict[str, str], hypotheses: dict[str, str], utts: list[str] | None = None
+) -> list[tuple[ErrorRate, ErrorRate]]:
+    """(word errors, character errors) of each utterance of ``utts`` (default: every reference), in
+    order, both sides normalised."""
+    errors = []
+    for utt in references if utts is None else utts:
+        reference = normalize_words(references[utt])
+        hypothesis = normalize_words(hypotheses.get(utt, ""))
+        words = ErrorRate(editdistance.eval(reference.split(), hypothesis.split()), len(reference.split()))
+        errors.append((words, ErrorRate(editdistance.eval(reference, hypothesis), len(reference))))
+    return errors
+
+
 def error_rates(
     references: dict[str, str], hypotheses: dict[str, str], utts: list[str] | None = None
 ) -> tuple[ErrorRate, ErrorRate]:
     """(WER, CER) of ``hypotheses`` on ``utts`` (default: every reference), both sides normalised."""
-    word_errors = word_count = char_errors = char_count = 0
-    for utt in references if utts is None else utts:
-        reference = normalize_words(references[utt])
-        hypothesis = normalize_words(hypotheses.get(utt, ""))
-        word_errors += editdistance.eval(reference.split(), hypothesis.split())
-        word_count += len(reference.split())
-        char_errors += editdistance.eval(reference, hypothesis)
-        char_count += len(reference)
-    return ErrorRate(word_errors, word_count), ErrorRate(char_errors, char_count)
+    per_utterance = utterance_errors(references, hypotheses, utts)
+    return (
+        ErrorRate(sum(w.errors for w, _ in per_utterance), sum(w.length for w, _ in per_utterance)),
+        ErrorRate(sum(c.errors for _, c in per_utterance), sum(c.length for _, c in per_utterance)),
+    )
