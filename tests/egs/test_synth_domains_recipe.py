@@ -1,9 +1,10 @@
 """Training, decoding and scoring stages of egs/synth_domains/asr1: the `ci` profile end to end.
 
 ``run.sh --profile ci`` runs every stage (data, tokens, shapes, pretraining, fine-tuning with the
-profile's default methods on every target domain, HDMoLE and the joint runs once on all of them, one
-run of each sweep, decoding, scoring, merging with each kind of merge, decoding and scoring the
-merges) once per module in a temporary directory: about 8-9 minutes on 2 cores.
+profile's default methods on every target domain, a feature-fusion row among them, HDMoLE and the
+joint runs once on all of them, one run of each sweep, decoding, scoring, merging with each kind of
+merge, decoding and scoring the merges, the layer analysis) once per module in a temporary
+directory: about 9-10 minutes on 2 cores.
 The models are tiny and barely trained, so the tests check that the pipeline produced complete,
 well-formed results and sweep tables, not their numbers.
 """
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("espnet2")
@@ -73,7 +75,7 @@ def test_results_have_one_row_per_domain_and_method_plus_the_base(
     rows: list[dict[str, str]], domains: list[str], methods: list[str]
 ) -> None:
     assert domains == ["accent", "child", "noisy"]
-    assert methods == ["full", "ssvd_o", "hdmole"]
+    assert methods == ["full", "ssvd_o", "hdmole", "fusion_grouped_lora"]
     expected = [(domain, method) for domain in domains for method in ["base", *methods]]
     assert [(row["domain"], row["method"]) for row in rows] == expected
 
@@ -103,14 +105,41 @@ def test_peft_methods_train_fewer_parameters_than_full_fine_tuning(
     rows: list[dict[str, str]], exp: Path
 ) -> None:
     planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
-    assert set(planned) == {"full", "ssvd_o", "hdmole", "ssvd_o@b1", "ssvd_o@outer0.75"}
-    assert max(count for method, count in planned.items() if method != "full") < 0.1 * planned["full"]
+    fusion = {"fusion_grouped_lora", "layer_analysis"}  # the head, the decoder and CTC (and LoRA) trained
+    assert set(planned) == {"full", "ssvd_o", "hdmole", "ssvd_o@b1", "ssvd_o@outer0.75", *fusion}
+    peft = [count for method, count in planned.items() if method not in {"full", *fusion}]
+    assert max(peft) < 0.1 * planned["full"] and max(planned[name] for name in fusion) < planned["full"]
     assert planned["ssvd_o@b1"] < planned["ssvd_o"] < planned["hdmole"]
     for row in rows:
         if row["method"] == "hdmole":  # the logged count adds the model-level domain router to the plan's
             assert planned["hdmole"] < int(row["trainable params"]) < 1.05 * planned["hdmole"], row
-        elif row["method"] != "base":
+        elif row["method"] != "base":  # the logged counts (peft_budget.json, fusion_budget.json) as planned
             assert int(row["trainable params"]) == planned[row["method"]], row
+
+
+def test_the_fusion_row_fuses_the_frozen_encoder_with_lora_in_its_blocks(exp: Path) -> None:
+    config = yaml.safe_load((exp / "child" / "fusion_grouped_lora" / "config.yaml").read_text())
+    assert config["fusion"]["variant"] == "grouped" and config["peft"] == "lora"
+    assert all(target.startswith("encoder") for target in config["peft_conf"]["target_modules"])
+    state = torch.load(exp / "child" / "fusion_grouped_lora" / "valid.acc.best.pth", map_location="cpu")
+    adapted = {key.split(".peft_adapters.")[0] for key in state if ".peft_adapters." in key}
+    assert adapted and all(key.startswith("encoder.taps.") for key in adapted)
+    assert any(key.startswith("encoder.head.") for key in state)
+    merges = (exp / "merged" / "merges.tsv").read_text()
+    assert "fusion" not in merges  # a head over the encoder: not merged
+
+
+def test_the_layer_analysis_scores_a_head_on_each_tap_on_every_dev_set(exp: Path, domains: list[str]) -> None:
+    with (exp / "layers" / "layers.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(row["layer"]), row["test"]) for row in rows] == [
+        (layer, domain) for layer in range(3) for domain in domains
+    ]
+    assert all(float(row["WER"]) >= 0.0 and int(row["words"]) > 0 for row in rows)
+    for layer in range(3):
+        config = yaml.safe_load((exp / "layers" / f"layer{layer}" / "config.yaml").read_text())
+        assert config["fusion"]["taps"] == [layer] and config["fusion"]["variant"] == "weighted_sum"
+    assert (exp / "layers" / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_hdmole_is_trained_once_on_every_domain_with_their_labels(exp: Path, recipe_root: Path) -> None:
@@ -133,6 +162,22 @@ def test_sweep_table_has_each_sweep_with_its_main_point(exp: Path) -> None:
         ("fewshot", "2", "child", "ssvd_o"),
     ]
     assert (exp / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_differences_against_full_fine_tuning_cover_every_method_and_test(
+    exp: Path, domains: list[str], methods: list[str]
+) -> None:
+    with (exp / "differences.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    others = [method for method in methods if method != "full"]  # the ci profile has no LoRA reference
+    tests = ("target", "source")
+    assert [(r["domain"], r["test"], r["method"], r["reference"]) for r in rows] == [
+        (domain, test, method, "full") for domain in domains for test in tests for method in others
+    ]
+    for r in rows:
+        low, difference, high = float(r["95% low"]), float(r["WER difference"]), float(r["95% high"])
+        assert low <= difference <= high, r
+        assert (r["verdict"] == "no difference") == (low <= 0 <= high), r
 
 
 def test_markdown_table_and_plot_are_written(exp: Path, rows: list[dict[str, str]]) -> None:

@@ -71,3 +71,38 @@ def test_share_of_full_fine_tuning_gain_is_measured_from_the_base_of_the_same_do
     sweep = [result("child", "lora", 90.0)]
     score.fill_gain_shares(sweep, main)
     assert sweep[0][score.GAIN_SHARE] == -25.0  # worse than the base
+
+
+def write_split(directory: Path, texts: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "text").write_text("".join(f"{utt} {text}\n" for utt, text in texts.items()))
+
+
+def test_paired_differences_name_a_real_gap_and_call_a_tie_no_difference(tmp_path: Path) -> None:
+    """On 40 test utterances, `worse` drops the last word of each, `same` decodes as `full` does: the
+    first is worse than full (interval above zero), the second is no different from it."""
+    import differences
+    from runs import Run, write_runs
+
+    references = {f"u{index:02d}": "the cat sat on the mat" + " again" * (index % 3) for index in range(40)}
+    sources = {f"s{index:02d}": "a dog ran" + " far" * (index % 2) for index in range(40)}
+    write_split(tmp_path / "data" / "child_test", references)
+    write_split(tmp_path / "data" / "source_test", sources)
+    exact = {**references, **sources}
+    clipped = {utt: text.rsplit(" ", 1)[0] for utt, text in references.items()}
+    hypotheses = {"full": exact, "same": exact, "worse": {**clipped, **sources}}
+    runs = []
+    for method, texts in hypotheses.items():
+        write_split(tmp_path / "exp" / "decode" / "child" / method / "1best_recog", texts)
+        runs.append(Run(f"child/{method}", method, "main", "-", f"{method}.yaml", "", "", ["child"]))
+    write_runs(tmp_path / "runs.tsv", runs)
+    rows = differences.difference_rows(
+        tmp_path / "data", tmp_path / "exp", runs, ["child"], ["full", "lora"], resamples=2000
+    )
+    found = {(row["test"], row["method"]): row for row in rows}
+    assert set(found) == {(test, method) for test in ("target", "source") for method in ("same", "worse")}
+    worse = found[("target", "worse")]
+    words = sum(len(text.split()) for text in references.values())
+    assert worse["WER difference"] == pytest.approx(100 * 40 / words, abs=0.005) and worse["95% low"] > 0
+    assert worse["verdict"] == "worse worse than full"
+    assert found[("target", "same")]["verdict"] == found[("source", "worse")]["verdict"] == "no difference"

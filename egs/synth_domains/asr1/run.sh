@@ -9,10 +9,12 @@
 #   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.ave.pth
 #   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
 #   stage 9  decode             base (zero-shot) and each adapted model on target + source test -> ${exp}/decode/<name>/
-#   stage 10 score              WER, CER, forgetting, cost per (domain, method)        -> ${exp}/results.{md,csv}, .png
+#   stage 10 score              WER, CER, forgetting, cost per (domain, method), paired differences
+#                                                                                       -> ${exp}/{results,differences}.{md,csv}, .png
 #   stage 11 merge              per-domain models of each kind merged into one, knobs on dev -> ${exp}/merged/<kind>/<algorithm>/
 #   stage 12 decode merges      every merged model on every target test, the OOD tests, source -> ${exp}/decode/merged/
 #   stage 13 score merges       merged vs base, per-domain, joint and HDMoLE models    -> ${exp}/merging.{md,csv}, .png
+#   stage 14 layer analysis     a fusion head on each single tap of the frozen base, dev WER/CER -> ${exp}/layers/
 # Stages 5-10 read ${data}/source_{train,dev,test} and, for each domain d in ${data}/target_domains.txt
 # (synthetic and user-given), ${data}/${d}_{adapt,dev,test}; ${data}/ood_domains.txt lists domains that are
 # only tested (out of distribution: the base and every model for all domains are decoded on them).
@@ -26,6 +28,7 @@
 #                 [--sweeps "budget split fewshot"]                 (default: the profile's default_sweeps; or none)
 #                 [--base_model path/valid.acc.ave.pth]             (config.yaml next to it; default ${exp}/base/...)
 #                 [--merging true|false]                            (default: the profile's default_merging)
+#                 [--layer_analysis true|false]                     (default: the profile's default_layer_analysis)
 set -euo pipefail
 
 stage=1
@@ -42,10 +45,11 @@ domains=""     # default: ${data}/target_domains.txt
 sweeps=""      # default: default_sweeps of conf/asr/${profile}/adapters.yaml ("none": no sweep)
 base_model=""  # default: ${exp}/base/valid.acc.ave.pth (pretrained by stage 7 unless it exists)
 merging=""     # default: default_merging of conf/asr/${profile}/adapters.yaml (stages 11-13, joint runs)
+layer_analysis=""  # default: default_layer_analysis of conf/asr/${profile}/adapters.yaml (stage 14)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
-help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false]"
+help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false]"
 cd "$(dirname "$0")"
 . ./path.sh
 . "${COMMON_ROOT}/parse_options.sh"
@@ -108,6 +112,12 @@ if [ ${stop_stage} -ge 8 ]; then
     [ -n "${merging}" ] || merging=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_merging)
     merging=$(echo "${merging}" | tr '[:upper:]' '[:lower:]')
     case "${merging}" in true | false) ;; "") merging=false ;; *) echo "--merging is true or false, got ${merging}" >&2; exit 1 ;; esac
+    [ -n "${layer_analysis}" ] || layer_analysis=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_layer_analysis)
+    layer_analysis=$(echo "${layer_analysis}" | tr '[:upper:]' '[:lower:]')
+    case "${layer_analysis}" in
+        true | false) ;; "") layer_analysis=false ;;
+        *) echo "--layer_analysis is true or false, got ${layer_analysis}" >&2; exit 1 ;;
+    esac
     ood_domains=""
     [ ! -f "${data}/ood_domains.txt" ] || ood_domains=$(tr '\n' ' ' < "${data}/ood_domains.txt")
 fi
@@ -193,7 +203,7 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
         ${python} local/derived_data_dirs.py subset "${dir}" "${data}/${name%_n*}" "${name##*_n}"
     done
     finetune() {  # finetune RUN METHOD CONFIG TRAIN_DIR DEV_DIR
-        local dir=${exp}/$1 module=espnet_plugins.bin.asr_train init="--peft_pretrained ${base_model}" labels=""
+        local dir=${exp}/${1:?finetune needs a run name} module=espnet_plugins.bin.asr_train init="--peft_pretrained ${base_model}" labels=""
         if [ "$2" = full ]; then module=espnet2.bin.asr_train; init="--init_param ${base_model}"; fi
         if [ "$2" = hdmole ]; then
             labels="--train_data_path_and_name_and_type $4/utt2domain,domain,text"
@@ -218,7 +228,7 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
 fi
 
 decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every test split at once
-    local dir=${exp}/decode/$1 module=$2 config=$3 model=$4 extra=$5 split
+    local dir=${exp}/decode/${1:?decode needs a name} module=$2 config=$3 model=$4 extra=$5 split
     shift 5
     rm -rf "${dir}"
     mkdir -p "${dir}"
@@ -230,7 +240,7 @@ decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every
     echo "$*" > "${dir}/splits"
 }
 decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the model was written
-    local dir=${exp}/decode/$1 model=$2
+    local dir=${exp}/decode/${1:?decoded needs a name} model=$2
     shift 2
     [ -f "${dir}/splits" ] && [ "$(cat "${dir}/splits")" = "$*" ] && [ "${dir}/splits" -nt "${model}" ]
 }
@@ -262,9 +272,10 @@ if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
 fi
 
 if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
-    log "Stage 10: score -> ${exp}/results.{md,csv}, ${exp}/learning_vs_forgetting.png and the sweeps"
+    log "Stage 10: score -> ${exp}/{results,differences}.{md,csv}, ${exp}/learning_vs_forgetting.png, the sweeps"
     ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}" \
         --base_model "${base_model}"
+    ${python} local/differences.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}"
 fi
 
 merged_dir=${exp}/merged
@@ -276,7 +287,7 @@ if [ "${merging}" = true ] && [ ${stage} -le 11 ] && [ ${stop_stage} -ge 11 ]; t
     ${python} local/merge_plan.py --adapters "${asr_conf}/adapters.yaml" --runs "${runs}" --domains "${domains}" \
         --exp "${exp}" --dev "${data}/combined/dev" --out "${merges}"
     merge() {  # merge NAME OPTIONS: espnet_plugins.bin.merge_models into ${exp}/NAME (OPTIONS: shell-quoted)
-        local dir=${exp}/$1 options=$2
+        local dir=${exp}/${1:?merge needs a merge name} options=$2
         rm -rf "${dir}"
         eval "set -- ${options}"
         OMP_NUM_THREADS=${threads} run_logged "${dir}/merge.log" \
@@ -316,6 +327,21 @@ if [ "${merging}" = true ] && [ ${stage} -le 13 ] && [ ${stop_stage} -ge 13 ]; t
     log "Stage 13: score the merges -> ${exp}/merging.{md,csv}, ${exp}/merging_lambda.png"
     ${python} local/score_merging.py --data "${data}" --exp "${exp}" --runs "${runs}" --merges "${merges}" \
         --domains "${domains}" --ood_domains "${ood_domains}" --base_model "${base_model}"
+fi
+
+layers_dir=${exp}/layers
+if [ "${layer_analysis}" = true ] && [ ${stage} -le 14 ] && [ ${stop_stage} -ge 14 ]; then
+    log "Stage 14: layer analysis, a fusion head on each tap of the base -> ${layers_dir}/layers.{csv,png}"
+    ${python} local/derived_data_dirs.py combine "${data}/combined/adapt" $(printf "${data}/%s_adapt " ${domains})
+    ${python} local/derived_data_dirs.py combine "${data}/combined/dev" $(printf "${data}/%s_dev " ${domains})
+    [ -f "${conf_dir}/layer_analysis.yaml" ] || { echo "no ${conf_dir}/layer_analysis.yaml: run stage 8" >&2; exit 1; }
+    dev_sets=""
+    for domain in ${domains}; do dev_sets="${dev_sets} --test ${domain}=${data}/${domain}_dev"; done
+    OMP_NUM_THREADS=$(nproc) run_logged "${layers_dir}/layers.log" \
+        ${python} "${COMMON_ROOT}/pyscripts/fusion_layers.py" --config "${conf_dir}/layer_analysis.yaml" --layers all \
+        --output_dir "${layers_dir}" --decode_config "${asr_conf}/decode.yaml" ${dev_sets} -- \
+        --peft_pretrained "${base_model}" --ngpu 0 --use_matplotlib false --use_tensorboard false \
+        $(data_args train "${data}/combined/adapt") $(data_args valid "${data}/combined/dev") < /dev/null
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

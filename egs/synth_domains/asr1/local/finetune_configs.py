@@ -5,6 +5,9 @@ list of runs (``runs.tsv``) that stages 8-10 work through.
 base's model options (``config.yaml`` next to the base model) plus the fine-tuning options.
 ``<method>.yaml`` (lora, dora, pissa, ssvd, ssvd_o, hdmole) holds the fine-tuning options and a
 ``peft:`` block for ``espnet_plugins.bin.asr_train``, which takes the model options from the base.
+A feature-fusion row ``<name>.yaml`` (the adapters file's ``fusion.<name>``) holds a ``fusion:``
+block instead (and a ``peft:`` block for its encoder adapters, if any); ``layer_analysis.yaml`` the
+adapters file's ``layer_analysis`` block, which stage 14 trains on one tap at a time.
 The fine-tuning options are the finetune file's, with the top-level keys of the adapters file's
 ``training.<method>`` (e.g. a method's own ``optim_conf``) in place of its.
 The budget B is the trainable count of the adapters file's ``budget`` entry (a method at a rank or
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -45,9 +49,11 @@ from typing import Any
 import yaml
 from runs import SWEEPS, Run, write_runs
 
+from espnet_plugins.fusion import DEFAULT_TRAIN_MODULES, TRAIN_MODULES_KEY
 from espnet_plugins.modules import build_meta_model, stock_task
 from espnet_plugins.pretrained import architecture_keys
 from ssvd_peft.budget import BudgetMatch, BudgetShortfallWarning, equal_budget_configs, estimate_budget
+from ssvd_peft.fusion import FusionConfig, build_fusion_head, resolve_taps
 from ssvd_peft.registry import get_method
 
 # The base's model options a full fine-tuning config copies: those that define the model (the
@@ -118,17 +124,54 @@ class Planner:
         return self.write_config(name, match.method, block), block
 
     def write_config(self, name: str, method: str, block: dict[str, Any] | None) -> str:
-        training = {**self.finetune, **((self.adapters.get("training") or {}).get(method) or {})}
+        """Full fine-tuning (``block`` None) or a PEFT method's ``peft_conf`` block."""
         if method == "full":
             config = {key: self.base[key] for key in MODEL_KEYS if key in self.base}
-            config.update(training)
-            self.trainable[name] = sum(parameter.numel() for parameter in self.model.parameters())
-        else:
-            config = {"peft": method, "peft_conf": block, "peft_save": "adapter", **training}
-            self.trainable[name] = estimate_budget(self.model, method, **block).trainable
+            trainable = sum(parameter.numel() for parameter in self.model.parameters())
+            return self.write_training(name, method, config, trainable)
+        trainable = estimate_budget(self.model, method, **block).trainable
+        return self.write_training(name, method, {"peft": method, "peft_conf": block}, trainable)
+
+    def write_training(self, name: str, method: str, model_options: dict[str, Any], trainable: int) -> str:
+        """``<name>.yaml``: ``model_options``, then the fine-tuning options with the adapters file's
+        ``training.<method>`` over them; ``trainable`` goes into ``trainable.json``."""
+        training = {**self.finetune, **((self.adapters.get("training") or {}).get(method) or {})}
+        config = dict(model_options)
+        if method != "full":
+            config["peft_save"] = "adapter"
+        config.update(training)
+        self.trainable[name] = trainable
         path = self.out_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return str(path)
+
+    def fusion_config(self, name: str, entry: dict[str, Any]) -> str:
+        """A feature-fusion config (a row of the adapters file's ``fusion``, or its ``layer_analysis``):
+        ``entry["fusion"]`` over the frozen encoder, the head, decoder and CTC head trained; with
+        ``adapters: <method>``, that method's adapters at budget B's rank or k in every encoder block as
+        well (the decoder is trained in full)."""
+        block = dict(entry["fusion"])
+        encoder = self.model.encoder
+        head_options = {key: value for key, value in block.items() if key != TRAIN_MODULES_KEY}
+        taps = resolve_taps(block.get("taps", "all"), len(encoder.encoders))
+        head = build_fusion_head(FusionConfig.from_dict(head_options), encoder.output_size(), taps)
+        trained = block.get(TRAIN_MODULES_KEY, list(DEFAULT_TRAIN_MODULES))
+        gate = encoder.output_size() if head_options.get("residual") else 0  # residual: g in R^D
+        trainable = (
+            sum(p.numel() for p in head.parameters())
+            + gate
+            + sum(p.numel() for module in trained for p in getattr(self.model, module).parameters())
+        )
+        options: dict[str, Any] = {"fusion": block}
+        method = entry.get("adapters")
+        if method is not None:
+            adapter = method_options(self.adapters, method, self.domains)
+            match = budget_matches(self.model, reference_budget(self.model, self.adapters), {method: adapter})
+            adapter = {**adapter, match[method].knob: match[method].value}
+            adapter["target_modules"] = [rf"encoder\..*\.{re.escape(t)}" for t in adapter["target_modules"]]
+            trainable += estimate_budget(self.model, method, **adapter).trainable
+            options.update(peft=method, peft_conf=adapter)
+        return self.write_training(name, name, options, trainable)
 
     def add_domain_run(
         self, domain: str, name: str, method: str, sweep: str, value: str, config: str, train: str = ""
@@ -140,7 +183,9 @@ class Planner:
 
     def main_runs(self, methods: list[str]) -> dict[str, dict[str, Any]]:
         budget = reference_budget(self.model, self.adapters)
-        options = {m: method_options(self.adapters, m, self.domains) for m in methods if m != "full"}
+        fusion = [m for m in methods if m in (self.adapters.get("fusion") or {})]
+        peft = [m for m in methods if m != "full" and m not in fusion]
+        options = {m: method_options(self.adapters, m, self.domains) for m in peft}
         matches = budget_matches(self.model, budget, {m: o for m, o in options.items() if m != "hdmole"})
         if "hdmole" in options:  # one model for every domain: the budget of the per-domain adapters together
             hdmole_budget = budget * len(self.domains)
@@ -149,6 +194,8 @@ class Planner:
         for method in methods:
             if method == "full":
                 config = self.write_config(method, method, None)
+            elif method in fusion:
+                config = self.fusion_config(method, self.adapters["fusion"][method])
             else:
                 config, blocks[method] = self.peft_config(method, options[method], matches[method])
             if method == "hdmole":
@@ -256,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     planner.joint_runs(args.joint_methods.split(), methods)
     if sweeps:
         planner.sweep_runs(sweeps, methods)
+    if "layer_analysis" in adapters:
+        planner.fusion_config("layer_analysis", adapters["layer_analysis"])
     (args.out_dir / "trainable.json").write_text(json.dumps(planner.trainable, indent=1) + "\n")
     (args.out_dir / "budget_shortfalls.json").write_text(json.dumps(planner.shortfalls, indent=1) + "\n")
     reference = dict(adapters["budget"])

@@ -2,7 +2,8 @@
 the adapters file and the per-domain runs of stage 8.
 
 Each merge takes the per-domain main runs of one kind (``full``, or one PEFT method: its adapters) on
-every target domain and writes one model for all of them with ``espnet_plugins.bin.merge_models``:
+every target domain and writes one model for all of them with ``espnet_plugins.bin.merge_models``
+(feature-fusion rows are not merged: each has its own head over the encoder and its own decoder):
 
 - ``merged/full/<algorithm>``: the full fine-tunes, every algorithm of ``merging.full``;
 - ``merged/<method>/<algorithm>``: each PEFT method's adapters (HDMoLE aside: one model already),
@@ -36,7 +37,7 @@ from runs import Run, read_runs
 from ssvd_peft.errors import PeftConfigError
 from ssvd_peft.merging.adapters import SUBSPACE_METHODS
 from ssvd_peft.merging.registry import get_merge_method
-from ssvd_peft.registry import get_method
+from ssvd_peft.registry import get_method, method_names
 
 FULL = "full"
 MODEL_FORM = "model"
@@ -90,8 +91,11 @@ class MergePlanner:
         self.merging, self.domains, self.exp, self.dev = merging, domains, exp, dev
         self.algorithms: dict[str, dict[str, Any]] = merging.get("algorithms") or {}
         self.scaling = [float(value) for value in merging.get(SCALING) or []]
+        mergeable = {FULL, *method_names()}
         self.per_domain = {
-            (run.method, run.tests[0]): run for run in runs if run.sweep == "main" and len(run.tests) == 1
+            (run.method, run.tests[0]): run
+            for run in runs
+            if run.sweep == "main" and len(run.tests) == 1 and run.method in mergeable
         }
         self.methods = sorted({method for method, _ in self.per_domain} - {FULL})
 

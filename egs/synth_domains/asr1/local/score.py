@@ -43,11 +43,12 @@ SWEEP_AXES = {
 
 
 def trainable_parameters(run_dir: Path, method: str, planned: int) -> int:
-    """What the run trained, from the plugin's peft_budget.json; for full fine-tuning (or a run
-    without one), the planned count."""
-    budget_file = run_dir / "peft_budget.json"
-    if method != "full" and budget_file.exists():
-        return int(json.loads(budget_file.read_text())["trainable"])
+    """What the run trained, from the plugin's fusion_budget.json (a feature-fusion row) or
+    peft_budget.json; for full fine-tuning (or a run without either), the planned count."""
+    for name in ("fusion_budget.json", "peft_budget.json"):
+        budget_file = run_dir / name
+        if method != "full" and budget_file.exists():
+            return int(json.loads(budget_file.read_text())["trainable"])
     return planned
 
 
