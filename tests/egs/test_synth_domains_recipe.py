@@ -142,6 +142,53 @@ def test_the_layer_analysis_scores_a_head_on_each_tap_on_every_dev_set(exp: Path
     assert (exp / "layers" / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_method_trains_at_the_rate_frozen_on_dev_before_any_test(exp: Path, methods: list[str]) -> None:
+    adapters = yaml.safe_load((RECIPE / "conf" / "asr" / "ci" / "adapters.yaml").read_text())
+    rates = [float(rate) for rate in adapters["tuning"]["lr"]]
+    frozen = yaml.safe_load((exp / "frozen" / "current.yaml").read_text())
+    assert sorted(frozen["choices"]) == sorted(methods)
+    assert all(sorted(frozen["scores"][method]) == rates for method in methods)
+    dated = exp / "frozen" / frozen["file"]
+    assert dated.read_text() == (exp / "frozen" / "current.yaml").read_text()
+    for method in methods:
+        tuned = [exp / ("all" if method == "hdmole" else "child") / f"{method}@lr{rate:g}" for rate in rates]
+        assert all((run / "checkpoint.pth").is_file() for run in tuned), method
+        main = exp / ("all/hdmole" if method == "hdmole" else f"accent/{method}")
+        trained = yaml.safe_load((main / "config.yaml").read_text())["optim_conf"]["lr"]
+        assert trained == frozen["choices"][method], method
+        assert dated.stat().st_mtime < (exp / "decode" / main.relative_to(exp) / "splits").stat().st_mtime
+    assert f"frozen on dev in `{dated}`" in (exp / "results.md").read_text()
+
+
+def test_a_test_decode_of_a_run_at_another_rate_is_refused(recipe_root: Path, exp: Path) -> None:
+    config = exp / "child" / "ssvd_o" / "config.yaml"
+    original = config.read_text()
+    changed = yaml.safe_load(original)
+    changed["optim_conf"]["lr"] *= 3
+    config.write_text(yaml.safe_dump(changed))
+    try:
+        command = [
+            "bash",
+            str(RECIPE / "run.sh"),
+            "--profile",
+            "ci",
+            "--python",
+            sys.executable,
+            "--stage",
+            "9",
+        ]
+        command += ["--stop_stage", "9", "--exp", str(exp), "--data", str(recipe_root / "data")]
+        result = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        config.write_text(original)
+    assert result.returncode != 0
+    assert (
+        "child/ssvd_o: " in result.stderr
+        and "a test is decoded only for a frozen configuration" in result.stderr
+    )
+    assert "Stage 9: decode" not in result.stdout
+
+
 def test_hdmole_is_trained_once_on_every_domain_with_their_labels(exp: Path, recipe_root: Path) -> None:
     hdmole = exp / "all" / "hdmole"
     assert (hdmole / "train_stats.json").is_file()
@@ -218,6 +265,8 @@ def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: P
     assert "Stage 9: base decoded, skipped" in result.stdout
     assert "Stage 8: accent/ssvd_o done, skipped" in result.stdout
     assert "Stage 8: child/ssvd_o@n2 done, skipped" in result.stdout
+    assert "Stage 8: child/ssvd_o@lr0.001 done, skipped" in result.stdout
+    assert len(list((exp / "frozen").glob("*.yaml"))) == 2  # the same choices: no new dated file
     assert "Stage 9: accent/ssvd_o decoded, skipped" in result.stdout
     assert "Stage 9: all/hdmole decoded, skipped" in result.stdout
     assert "Stage 8: fine-tune" not in result.stdout and "Stage 9: decode " not in result.stdout

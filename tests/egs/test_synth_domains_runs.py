@@ -296,6 +296,43 @@ def test_fusion_rows_fuse_the_frozen_encoder_and_count_the_head_decoder_and_ctc(
     assert layers["fusion"] == {"variant": "weighted_sum"} and layers["optim_conf"]["lr"] == 0.0005
 
 
+def test_tuning_runs_train_every_method_at_each_rate_on_the_tuning_domains(tmp_path: Path) -> None:
+    assert plan_runs(tmp_path, "full lora hdmole", "", "--tune").returncode == 0
+    conf = tmp_path / "conf"
+    tuning = yaml.safe_load((RECIPE / "conf" / "asr" / "full" / "adapters.yaml").read_text())["tuning"]
+    assert len(tuning["lr"]) >= 4
+    runs = {line.split("\t")[0]: line.split("\t") for line in (conf / "runs.tsv").read_text().splitlines()}
+    tuned = {name: line for name, line in runs.items() if line[2] == "tune"}
+    rates = [f"{float(rate):g}" for rate in tuning["lr"]]
+    expected = [f"{d}/{m}@lr{r}" for m in ("full", "lora") for r in rates for d in tuning["domains"]]
+    assert sorted(tuned) == sorted(expected + [f"all/hdmole@lr{r}" for r in rates])
+    for name, line in tuned.items():
+        method, rate = line[1], float(line[3])
+        config = yaml.safe_load(Path(line[4]).read_text())
+        main = yaml.safe_load((conf / f"{method}.yaml").read_text())
+        assert config == {**main, "optim_conf": {**main["optim_conf"], "lr": rate}}, name
+    assert runs["all/hdmole@lr0.001"][5] == "data/combined/adapt"
+
+
+def test_frozen_rates_set_every_config_of_their_method(tmp_path: Path) -> None:
+    import freeze
+
+    frozen = freeze.write_frozen(
+        {"scores": {}, "choices": {"lora": 0.0007, "ssvd_o": 0.0003}}, tmp_path / "f"
+    )
+    assert plan_runs(tmp_path, "lora ssvd_o", "budget split", "--frozen", str(frozen)).returncode == 0
+    conf = tmp_path / "conf"
+
+    def lr(config: str) -> float:
+        return yaml.safe_load((conf / f"{config}.yaml").read_text())["optim_conf"]["lr"]
+
+    assert lr("lora") == lr("lora@b32") == 0.0007
+    assert lr("ssvd_o") == lr("ssvd_o@outer0.5") == lr("ssvd_o@b2") == 0.0003
+    (tmp_path / "missing").mkdir()
+    missing = plan_runs(tmp_path / "missing", "lora dora", "", "--frozen", str(frozen))
+    assert missing.returncode != 0 and "has no frozen rate for dora" in missing.stderr
+
+
 def test_a_sweep_needs_the_main_config_it_varies(tmp_path: Path) -> None:
     result = plan_runs(tmp_path, "lora", "split")
     assert result.returncode != 0 and "add ['ssvd_o'] to --methods" in result.stderr

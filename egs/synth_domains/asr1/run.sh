@@ -8,7 +8,9 @@
 #   stage 6  shapes             speech_shape of every data dir (utterance_mvn: no stats) -> ${data}/<split>/speech_shape
 #   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.ave.pth
 #   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
+#                               (--tune true: first every method at each rate on dev, rates frozen -> ${exp}/frozen/)
 #   stage 9  decode             base (zero-shot) and each adapted model on target + source test -> ${exp}/decode/<name>/
+#                               (with a frozen file: refused for a run not trained at its method's frozen rate)
 #   stage 10 score              WER, CER, forgetting, cost per (domain, method), paired differences
 #                                                                                       -> ${exp}/{results,differences}.{md,csv}, .png
 #   stage 11 merge              per-domain models of each kind merged into one, knobs on dev -> ${exp}/merged/<kind>/<algorithm>/
@@ -29,6 +31,7 @@
 #                 [--base_model path/valid.acc.ave.pth]             (config.yaml next to it; default ${exp}/base/...)
 #                 [--merging true|false]                            (default: the profile's default_merging)
 #                 [--layer_analysis true|false]                     (default: the profile's default_layer_analysis)
+#                 [--tune true|false] [--frozen F]                  (default: the profile's default_tune; F: ${exp}/frozen/current.yaml)
 set -euo pipefail
 
 stage=1
@@ -46,10 +49,12 @@ sweeps=""      # default: default_sweeps of conf/asr/${profile}/adapters.yaml ("
 base_model=""  # default: ${exp}/base/valid.acc.ave.pth (pretrained by stage 7 unless it exists)
 merging=""     # default: default_merging of conf/asr/${profile}/adapters.yaml (stages 11-13, joint runs)
 layer_analysis=""  # default: default_layer_analysis of conf/asr/${profile}/adapters.yaml (stage 14)
+tune=""        # default: default_tune of conf/asr/${profile}/adapters.yaml (stage 8: rates chosen on dev)
+frozen=""      # default: ${exp}/frozen/current.yaml (the learning rates stage 8 trains at, frozen on dev)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
-help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false]"
+help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false] [--tune true|false] [--frozen F]"
 cd "$(dirname "$0")"
 . ./path.sh
 . "${COMMON_ROOT}/parse_options.sh"
@@ -112,6 +117,9 @@ if [ ${stop_stage} -ge 8 ]; then
     [ -n "${merging}" ] || merging=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_merging)
     merging=$(echo "${merging}" | tr '[:upper:]' '[:lower:]')
     case "${merging}" in true | false) ;; "") merging=false ;; *) echo "--merging is true or false, got ${merging}" >&2; exit 1 ;; esac
+    [ -n "${tune}" ] || tune=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_tune)
+    tune=$(echo "${tune}" | tr '[:upper:]' '[:lower:]')
+    case "${tune}" in true | false) ;; "") tune=false ;; *) echo "--tune is true or false, got ${tune}" >&2; exit 1 ;; esac
     [ -n "${layer_analysis}" ] || layer_analysis=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_layer_analysis)
     layer_analysis=$(echo "${layer_analysis}" | tr '[:upper:]' '[:lower:]')
     case "${layer_analysis}" in
@@ -182,28 +190,33 @@ fi
 
 conf_dir=${exp}/finetune_conf
 runs=${conf_dir}/runs.tsv
+frozen_dir=${exp}/frozen
+frozen=${frozen:-${frozen_dir}/current.yaml}
 if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
     log "Stage 8: fine-tuning configs (every PEFT method at the same budget) and runs -> ${runs}"
     joint_methods=""
     if [ "${merging}" = true ]; then
         joint_methods=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" merging.joint_methods)
     fi
-    ${python} local/finetune_configs.py --base_config "$(dirname "${base_model}")/config.yaml" \
-        --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}" \
-        --data "${data}" --methods "${methods}" --domains "${domains}" --sweeps "${sweeps}" \
-        --joint_methods "${joint_methods}" --ood_domains "${ood_domains}"
-    if grep -q '^all/' "${runs}"; then
-        for role in adapt dev; do
-            ${python} local/derived_data_dirs.py combine "${data}/combined/${role}" \
-                $(printf "${data}/%s_${role} " ${domains})
+    plan() {  # plan [--tune | --frozen FILE]: the configs and ${runs}
+        ${python} local/finetune_configs.py --base_config "$(dirname "${base_model}")/config.yaml" \
+            --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}" \
+            --data "${data}" --methods "${methods}" --domains "${domains}" --sweeps "${sweeps}" \
+            --joint_methods "${joint_methods}" --ood_domains "${ood_domains}" "$@"
+        if grep -q '^all/' "${runs}"; then
+            for role in adapt dev; do
+                ${python} local/derived_data_dirs.py combine "${data}/combined/${role}" \
+                    $(printf "${data}/%s_${role} " ${domains})
+            done
+        fi
+        cut -f6 "${runs}" | { grep "/fewshot/" || true; } | sort -u | while read -r dir; do
+            name=$(basename "${dir}")
+            ${python} local/derived_data_dirs.py subset "${dir}" "${data}/${name%_n*}" "${name##*_n}"
         done
-    fi
-    cut -f6 "${runs}" | { grep "/fewshot/" || true; } | sort -u | while read -r dir; do
-        name=$(basename "${dir}")
-        ${python} local/derived_data_dirs.py subset "${dir}" "${data}/${name%_n*}" "${name##*_n}"
-    done
+    }
     finetune() {  # finetune RUN METHOD CONFIG TRAIN_DIR DEV_DIR
-        local dir=${exp}/${1:?finetune needs a run name} module=espnet_plugins.bin.asr_train init="--peft_pretrained ${base_model}" labels=""
+        local dir=${exp}/${1:?finetune needs a run name} module=espnet_plugins.bin.asr_train labels=""
+        local init="--peft_pretrained ${base_model}"
         if [ "$2" = full ]; then module=espnet2.bin.asr_train; init="--init_param ${base_model}"; fi
         if [ "$2" = hdmole ]; then
             labels="--train_data_path_and_name_and_type $4/utt2domain,domain,text"
@@ -216,15 +229,36 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
             --use_matplotlib false --use_tensorboard false \
             $(data_args train "$4") $(data_args valid "$5") ${labels} < /dev/null
     }
-    while IFS=$'\t' read -r run method sweep value config train dev tests; do
-        if [ -f "${exp}/${run}/train_stats.json" ]; then
-            log "Stage 8: ${run} done, skipped"
-            continue
-        fi
-        log "Stage 8: fine-tune ${run} on ${train} -> ${exp}/${run}"
-        start_job finetune "${run}" "${method}" "${config}" "${train}" "${dev}"
-    done < "${runs}"
-    wait_jobs
+    train_runs() {  # train_runs tune|main: the tuning runs of ${runs}, or every other run
+        local stale
+        stale=$(${python} local/freeze.py stale --runs "${runs}" --exp "${exp}")
+        while IFS=$'\t' read -r run method sweep value config train dev tests; do
+            if { [ "$1" = tune ] && [ "${sweep}" != tune ]; } || { [ "$1" = main ] && [ "${sweep}" = tune ]; }; then
+                continue
+            fi
+            if [ -f "${exp}/${run}/train_stats.json" ] && ! grep -qxF "${run}" <<< "${stale}"; then
+                log "Stage 8: ${run} done, skipped"
+                continue
+            fi
+            log "Stage 8: fine-tune ${run} on ${train} -> ${exp}/${run}"
+            start_job finetune "${run}" "${method}" "${config}" "${train}" "${dev}"
+        done < "${runs}"
+        wait_jobs
+    }
+    if [ "${tune}" = true ]; then
+        log "Stage 8: tuning runs (every method at each rate of tuning.lr), rates chosen on dev -> ${frozen_dir}"
+        plan --tune
+        train_runs tune
+        ${python} local/freeze.py choose --runs "${runs}" --exp "${exp}" --out "${frozen_dir}"
+    fi
+    if [ -f "${frozen}" ]; then
+        log "Stage 8: learning rates frozen on dev: ${frozen}"
+        plan --frozen "${frozen}"
+    else
+        log "Stage 8: no frozen learning rates (${frozen}): the adapters file's, not chosen on dev (--tune true)"
+        plan
+    fi
+    train_runs main
 fi
 
 decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every test split at once
@@ -246,6 +280,11 @@ decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the
 }
 
 if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
+    if [ -f "${frozen}" ]; then  # the guard: a test is decoded only for runs at their frozen rates
+        ${python} local/freeze.py check --frozen "${frozen}" --runs "${runs}" --exp "${exp}"
+    else
+        log "Stage 9: learning rates not frozen on dev (no ${frozen}; --tune true freezes them)"
+    fi
     base_splits="source_test $(printf '%s_test ' ${domains} ${ood_domains})"
     if decoded base "${base_model}" ${base_splits}; then
         log "Stage 9: base decoded, skipped"
@@ -274,7 +313,7 @@ fi
 if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
     log "Stage 10: score -> ${exp}/{results,differences}.{md,csv}, ${exp}/learning_vs_forgetting.png, the sweeps"
     ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}" \
-        --base_model "${base_model}"
+        --base_model "${base_model}" --frozen "${frozen}"
     ${python} local/differences.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}"
 fi
 

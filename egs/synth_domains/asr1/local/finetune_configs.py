@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from freeze import TUNE, frozen_rate
 from runs import SWEEPS, Run, write_runs
 
 from espnet_plugins.fusion import DEFAULT_TRAIN_MODULES, TRAIN_MODULES_KEY
@@ -111,6 +112,7 @@ class Planner:
         self.trainable: dict[str, int] = {}
         self.shortfalls: dict[str, dict[str, int]] = {}
         self.runs: list[Run] = []
+        self.frozen_rates: dict[str, float] = {}  # method -> learning rate frozen on dev (freeze.py)
 
     def peft_config(
         self, name: str, options: dict[str, Any], match: BudgetMatch
@@ -136,6 +138,8 @@ class Planner:
         """``<name>.yaml``: ``model_options``, then the fine-tuning options with the adapters file's
         ``training.<method>`` over them; ``trainable`` goes into ``trainable.json``."""
         training = {**self.finetune, **((self.adapters.get("training") or {}).get(method) or {})}
+        if method in self.frozen_rates:
+            training["optim_conf"] = {**(training.get("optim_conf") or {}), "lr": self.frozen_rates[method]}
         config = dict(model_options)
         if method != "full":
             config["peft_save"] = "adapter"
@@ -205,13 +209,39 @@ class Planner:
                 self.add_domain_run(domain, method, method, "main", "-", config)
         return blocks
 
-    def add_joint_run(self, method: str, sweep: str, config: str) -> None:
-        """A run on every domain's adapt split together (``all/<method>``), tested on every domain and
-        every out-of-distribution domain."""
+    def add_joint_run(self, method: str, sweep: str, config: str, name: str = "", value: str = "-") -> None:
+        """A run on every domain's adapt split together (``all/<name>``, name default the method), tested
+        on every domain and every out-of-distribution domain."""
         data = f"{self.data}/combined"
         tests = [*self.domains, *self.ood_domains]
-        name = f"{ALL_DOMAINS}/{method}"
-        self.runs.append(Run(name, method, sweep, "-", config, f"{data}/adapt", f"{data}/dev", tests))
+        name = f"{ALL_DOMAINS}/{name or method}"
+        self.runs.append(Run(name, method, sweep, value, config, f"{data}/adapt", f"{data}/dev", tests))
+
+    def tuning_runs(self, methods: list[str]) -> None:
+        """Every method's main config at each rate of ``tuning.lr`` (``<method>@lr<rate>``), trained on
+        each domain of ``tuning.domains`` and validated on its dev split (HDMoLE: on all domains
+        together, as its main run); never decoded on a test (local/freeze.py reads their dev scores)."""
+        tuning = self.adapters.get("tuning") or {}
+        if not tuning.get("lr") or not tuning.get("domains"):
+            raise SystemExit(
+                "--tune needs a tuning block in the adapters file: tuning: {lr: [...], domains: [...]}"
+            )
+        unknown = sorted(set(tuning["domains"]) - set(self.domains))
+        if unknown:
+            raise SystemExit(f"tuning.domains {unknown} are not among the target domains {self.domains}")
+        for method in methods:
+            main = yaml.safe_load((self.out_dir / f"{method}.yaml").read_text())
+            for rate in (float(value) for value in tuning["lr"]):
+                name = f"{method}@lr{rate:g}"
+                config = {**main, "optim_conf": {**(main.get("optim_conf") or {}), "lr": rate}}
+                path = self.out_dir / f"{name}.yaml"
+                path.write_text(yaml.safe_dump(config, sort_keys=False))
+                self.trainable[name] = self.trainable[method]
+                if method == "hdmole":
+                    self.add_joint_run(method, TUNE, str(path), name, f"{rate:g}")
+                    continue
+                for domain in tuning["domains"]:
+                    self.add_domain_run(domain, name, method, TUNE, f"{rate:g}", str(path))
 
     def joint_runs(self, methods: list[str], main_methods: list[str]) -> None:
         """The joint runs of ``methods`` (each with its main config; HDMoLE is always joint)."""
@@ -282,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ood_domains", default="", help="space-separated out-of-distribution test domains of joint runs"
     )
+    parser.add_argument("--tune", action="store_true", help="also the tuning runs of every main method")
+    parser.add_argument(
+        "--frozen", type=Path, default=None, help="learning rates frozen on dev (local/freeze.py), per method"
+    )
     args = parser.parse_args(argv)
     adapters = yaml.safe_load(args.adapters.read_text())
     methods, domains, sweeps = args.methods.split(), args.domains.split(), args.sweeps.split()
@@ -298,8 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         domains,
     )
     planner.ood_domains = args.ood_domains.split()
+    if args.frozen is not None:
+        planner.frozen_rates = {method: frozen_rate(args.frozen, method) for method in methods}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     blocks = planner.main_runs(methods)
+    if args.tune:
+        planner.tuning_runs(methods)
     planner.joint_runs(args.joint_methods.split(), methods)
     if sweeps:
         planner.sweep_runs(sweeps, methods)

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kaldi_files import read_table
 from runs import SWEEPS, Run, read_runs
 from scoring import ErrorRate, error_rates
@@ -150,9 +151,18 @@ def write_csv(rows: list[dict[str, object]], columns: tuple[str, ...], path: Pat
         writer.writerows(rows)
 
 
-def markdown(rows: list[dict[str, object]], title: str, base_model: str) -> str:
+def rates_note(frozen: Path | None) -> str:
+    """Where the learning rates came from: the frozen file (with its date) or the adapters file."""
+    if frozen is None or not frozen.is_file():
+        return "Learning rates: the adapters file's `training` (not frozen on dev: `--tune true`)"
+    record = yaml.safe_load(frozen.read_text())
+    return f"Learning rates: frozen on dev in `{frozen.parent / record['file']}` (made {record['made']})"
+
+
+def markdown(rows: list[dict[str, object]], title: str, base_model: str, rates: str) -> str:
     columns = list(rows[0])
     lines = [f"# {title}", "", f"Base model (the zero-shot rows, the start of every run): `{base_model}`", ""]
+    lines += [rates, ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
         cells = [f"{value:,}" if isinstance(value, int) else str(value) or "-" for value in r.values()]
@@ -225,14 +235,16 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True, help="runs.tsv of local/finetune_configs.py")
     parser.add_argument("--domains", required=True, help="target domains, space-separated")
     parser.add_argument("--base_model", required=True, help="the base model's file (named in the tables)")
+    parser.add_argument("--frozen", type=Path, default=None, help="frozen learning rates (may not exist)")
     args = parser.parse_args()
+    rates = rates_note(args.frozen)
     domains = args.domains.split()
     scorer = Scorer(args.data, args.exp)
     runs = read_runs(args.runs)
     rows = result_rows(scorer, runs, domains)
     fill_gain_shares(rows, rows)
     write_csv(rows, COLUMNS, args.exp / "results.csv")
-    table = markdown(rows, f"Learning vs forgetting: {args.exp}", args.base_model)
+    table = markdown(rows, f"Learning vs forgetting: {args.exp}", args.base_model, rates)
     (args.exp / "results.md").write_text(table)
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
     print(table)
@@ -241,7 +253,7 @@ def main() -> None:
     fill_gain_shares(swept, rows)
     if swept:
         write_csv(swept, SWEEP_COLUMNS, args.exp / "sweeps.csv")
-        (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}", args.base_model))
+        (args.exp / "sweeps.md").write_text(markdown(swept, f"Sweeps: {args.exp}", args.base_model, rates))
         plot_sweeps(swept, args.exp / "sweeps.png")
         print((args.exp / "sweeps.md").read_text())
 
