@@ -260,6 +260,8 @@ def test_decoding_covers_every_test_utterance(
 def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: Path) -> None:
     stats = exp / "accent" / "ssvd_o" / "train_stats.json"
     before = stats.stat().st_mtime_ns
+    layer_hypotheses = exp / "layers" / "layer0" / "decode_accent" / "1best_recog" / "text"
+    layer_decoded = layer_hypotheses.stat().st_mtime_ns
     result = run_recipe(recipe_root, "--stage", "7")
     assert "Stage 7: base model" in result.stdout and "reused" in result.stdout
     assert "Stage 9: base decoded, skipped" in result.stdout
@@ -274,6 +276,7 @@ def test_rerun_skips_finished_fine_tuning_and_decoding(recipe_root: Path, exp: P
     assert "Stage 12: merged/ssvd_o/task_arithmetic@core decoded, skipped" in result.stdout
     assert "Stage 11: merge merged/" not in result.stdout and "Stage 12: decode " not in result.stdout
     assert stats.stat().st_mtime_ns == before
+    assert layer_hypotheses.stat().st_mtime_ns == layer_decoded  # stage 14 trains and decodes nothing again
 
 
 MERGING_SYSTEMS = [

@@ -11,9 +11,10 @@ to choose the taps and groups of a fusion block.
 For every layer l: ``python -m espnet_plugins.bin.<task>_train --config <config> --fusion taps=[l]
 --fusion groups=1 --output_dir <output_dir>/layer<l>`` followed by the options after ``--``
 (skipped when ``<model_file>`` is there), then ``<task>_inference`` of that model on every test
-set. ``<config>`` is an ordinary training config with a fusion block (its variant and knobs; default
-``weighted_sum``, which on one tap is LN(H_l) and leaves the decoder and CTC head to learn). Choose
-the taps on dev sets, never on the tests that report results.
+set (skipped when its hypotheses are newer than the model and the test's wav.scp). ``<config>`` is
+an ordinary training config with a fusion block (its variant and knobs; default ``weighted_sum``,
+which on one tap is LN(H_l) and leaves the decoder and CTC head to learn). Choose the taps on dev
+sets, never on the tests that report results.
 
 Writes ``<output_dir>/layers.csv`` (layer, test, WER, CER, words) and ``layers.png`` (WER and CER
 against the layer, a line per test set), scored by ``scoring.error_rates``.
@@ -106,8 +107,13 @@ def train_layer(args: argparse.Namespace, layer: int, train_options: list[str]) 
 
 
 def decode(args: argparse.Namespace, layer: int, model: Path, name: str, data: Path) -> dict[str, str]:
-    """Hypotheses of the layer's model on the test set ``data``."""
+    """Hypotheses of the layer's model on the test set ``data`` (decoded unless hypotheses newer than
+    the model and the test's wav.scp are there)."""
     directory = args.output_dir / f"layer{layer}" / f"decode_{name}"
+    hypotheses = directory / "1best_recog" / "text"
+    newest_input = max(model.stat().st_mtime, (data / "wav.scp").stat().st_mtime)
+    if hypotheses.is_file() and hypotheses.stat().st_mtime > newest_input:
+        return read_table(hypotheses)
     task = args.task
     command = [args.python, "-m", f"espnet_plugins.bin.{task}_inference"]
     if args.decode_config is not None:
@@ -116,7 +122,7 @@ def decode(args: argparse.Namespace, layer: int, model: Path, name: str, data: P
     command += [f"--{task}_model_file", str(model), "--output_dir", str(directory)]
     command += ["--data_path_and_name_and_type", f"{data}/wav.scp,speech,sound"]
     run(command, directory.with_suffix(".log"))
-    return read_table(directory / "1best_recog" / "text")
+    return read_table(hypotheses)
 
 
 def plot(rows: list[dict[str, object]], path: Path) -> None:
