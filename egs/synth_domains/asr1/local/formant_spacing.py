@@ -53,7 +53,7 @@ def main() -> None:
         for text in sentences:
             adult = engines.synthesize(voices[spec["base"]], text)
             child = voice_transforms.change_gender(
-                adult, rate, spec["formant_ratio"], np.mean(spec["pitch_hz"]), 1.0
+                adult, rate, spec["formant_ratio"], np.mean(spec["pitch_hz"]), 1.0, seed=0
             )
             adult_dfs.append(formant_spacing(adult, rate, 5500.0))
             child_dfs.append(formant_spacing(child, rate, 8000.0))

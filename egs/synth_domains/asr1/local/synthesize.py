@@ -61,9 +61,9 @@ def render(row: dict) -> np.ndarray:
     base = CONF["voices"][spec["base"]] if "base" in spec else spec
     audio = engines.synthesize(base, row["text"], row["speed"], row["seed"])
     if row["semitones"]:
-        audio = voice_transforms.shift_pitch(audio, RATE, row["semitones"])
+        audio = voice_transforms.shift_pitch(audio, RATE, row["semitones"], row["seed"])
     if row["transform"]:
-        audio = voice_transforms.change_gender(audio, RATE, **row["transform"])
+        audio = voice_transforms.change_gender(audio, RATE, **row["transform"], seed=row["seed"])
     if row["noise"]:
         audio = corrupt(audio, row["noise"], np.random.default_rng(row["seed"]))
     if row.get("channel"):

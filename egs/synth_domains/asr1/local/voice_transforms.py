@@ -7,6 +7,9 @@ the new median, and the duration is multiplied by the factor (>1 is slower).
     change(x)      = Change gender(x; 75, 600, formant_ratio, pitch_hz, 1.0, duration_factor)
     shift(x, s)    = Change gender(x; 75, 600, 1.0, 2^(s/12) * median_f0(x), 1.0, 1.0)
 
+Praat's overlap-add draws random numbers (voiceless stretches), so every transform first seeds Praat's
+generator with the utterance's seed: the same input and seed give the same samples in any process.
+
 change() makes child-like speech (F0 ~280-330 Hz, formant ratio ~1.4-1.45 from an adult male voice,
 ~1.1-1.15 from an adult female one, slower) or another adult speaker (formant ratio ~0.88 or ~1.12 with
 an adult F0). sox pitch cannot do this: it moves formants and F0 together.
@@ -35,9 +38,10 @@ def median_f0(
 
 
 def change_gender(
-    audio: np.ndarray, rate: int, formant_ratio: float, pitch_hz: float, duration_factor: float
+    audio: np.ndarray, rate: int, formant_ratio: float, pitch_hz: float, duration_factor: float, seed: int
 ) -> np.ndarray:
     """Formants times formant_ratio, pitch median moved to pitch_hz, duration times duration_factor."""
+    parselmouth.praat.run(f"random_initializeWithSeedUnsafelyButPredictably ({seed})")
     sound = call(
         to_sound(audio, rate),
         "Change gender",
@@ -51,9 +55,9 @@ def change_gender(
     return sound.values[0].astype(np.float32)
 
 
-def shift_pitch(audio: np.ndarray, rate: int, semitones: float) -> np.ndarray:
+def shift_pitch(audio: np.ndarray, rate: int, semitones: float, seed: int) -> np.ndarray:
     """Pitch moved by semitones with formants and duration kept (unchanged when unvoiced)."""
     f0 = median_f0(audio, rate)
     if semitones == 0.0 or not np.isfinite(f0):
         return audio
-    return change_gender(audio, rate, 1.0, f0 * 2.0 ** (semitones / 12.0), 1.0)
+    return change_gender(audio, rate, 1.0, f0 * 2.0 ** (semitones / 12.0), 1.0, seed)
