@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from significance import Interval, paired_bootstrap, seed_interval
+from significance import Interval, cell_bootstrap, paired_bootstrap, seed_interval
 
 
 def test_the_seed_interval_is_the_student_t_interval() -> None:
@@ -75,3 +75,30 @@ def test_the_interval_covers_the_true_difference_about_95_times_in_100() -> None
 def test_mismatched_utterances_are_refused() -> None:
     with pytest.raises(ValueError, match="same utterances"):
         paired_bootstrap(np.zeros((3, 10)), np.zeros((3, 9)), np.ones(10))
+
+
+def test_a_cell_is_the_mean_wer_over_seeds_and_its_interval_covers_the_binomial_one() -> None:
+    """400 one-word utterances with 30 % errors, one seed: the interval is the binomial one,
+    30 +- 1.96 sqrt(0.3 * 0.7 / 400) = 30 +- 4.5 points."""
+    generator = np.random.default_rng(4)
+    errors = (generator.random(400) < 0.3).astype(int)
+    errors[:120], errors[120:] = 1, 0  # exactly 30 %
+    cell = cell_bootstrap(errors, np.ones(400), resamples=4000)
+    assert cell.mean == pytest.approx(30.0)
+    assert cell.low == pytest.approx(30.0 - 4.5, abs=0.7) and cell.high == pytest.approx(30.0 + 4.5, abs=0.7)
+
+
+def test_a_cell_without_spread_has_a_point_interval_and_seed_spread_widens_it() -> None:
+    words = np.full(50, 4)
+    same = np.ones((3, 50))
+    assert cell_bootstrap(same, words, resamples=500) == Interval(25.0, 25.0, 25.0)
+    # seeds at 0 and 2 errors per utterance: every utterance alike, so only the seed draw moves the WER
+    spread = np.stack([np.zeros(50), np.full(50, 2.0)])
+    cell = cell_bootstrap(spread, words, resamples=2000)
+    assert cell.mean == pytest.approx(25.0)
+    assert (cell.low, cell.high) == (0.0, 50.0)  # both seeds drawn twice: all the mass at 0, 25 and 50
+
+
+def test_a_cell_of_mismatched_utterances_is_refused() -> None:
+    with pytest.raises(ValueError, match="utterances"):
+        cell_bootstrap(np.zeros((2, 10)), np.ones(9))
