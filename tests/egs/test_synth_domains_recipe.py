@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -76,7 +78,15 @@ def test_results_have_one_row_per_domain_and_method_plus_the_base(
 ) -> None:
     assert domains == ["accent", "child", "noisy"]
     assert methods == ["full", "ssvd_o", "hdmole", "fusion_grouped_lora"]
-    expected = [(domain, method) for domain in domains for method in ["base", *methods]]
+    shown = [
+        "base",
+        "full",
+        "ssvd_o",
+        "hdmole",
+        "hdmole@oracle",
+        "fusion_grouped_lora",
+    ]  # the true domain given
+    expected = [(domain, method) for domain in domains for method in shown]
     assert [(row["domain"], row["method"]) for row in rows] == expected
 
 
@@ -106,12 +116,17 @@ def test_peft_methods_train_fewer_parameters_than_full_fine_tuning(
 ) -> None:
     planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
     fusion = {"fusion_grouped_lora", "layer_analysis"}  # the head, the decoder and CTC (and LoRA) trained
-    assert set(planned) == {"full", "ssvd_o", "hdmole", "ssvd_o@b1", "ssvd_o@outer0.75", *fusion}
-    peft = [count for method, count in planned.items() if method not in {"full", *fusion}]
+    main = {"full", "ssvd_o", "hdmole", "fusion_grouped_lora"}
+    seeded = {f"{method}@seed1" for method in main}
+    assert set(planned) == {*main, *seeded, "ssvd_o@b1", "ssvd_o@outer0.75", "layer_analysis"}
+    assert all(planned[name] == planned[name.split("@")[0]] for name in seeded)
+    peft = [count for name, count in planned.items() if name.split("@")[0] not in {"full", *fusion}]
     assert max(peft) < 0.1 * planned["full"] and max(planned[name] for name in fusion) < planned["full"]
     assert planned["ssvd_o@b1"] < planned["ssvd_o"] < planned["hdmole"]
     for row in rows:
-        if row["method"] == "hdmole":  # the logged count adds the model-level domain router to the plan's
+        if row["method"].startswith(
+            "hdmole"
+        ):  # the logged count adds the model-level domain router to the plan's
             assert planned["hdmole"] < int(row["trainable params"]) < 1.05 * planned["hdmole"], row
         elif row["method"] != "base":  # the logged counts (peft_budget.json, fusion_budget.json) as planned
             assert int(row["trainable params"]) == planned[row["method"]], row
@@ -160,6 +175,55 @@ def test_every_method_trains_at_the_rate_frozen_on_dev_before_any_test(exp: Path
     assert f"frozen on dev in `{dated}`" in (exp / "results.md").read_text()
 
 
+def test_every_cell_is_the_mean_of_its_seeds_with_intervals(exp: Path, rows: list[dict[str, str]]) -> None:
+    with (exp / "results_seeds.csv").open() as f:
+        per_seed = list(csv.DictReader(f))
+    for row in rows:
+        if row["method"] == "base":
+            assert row["seeds"] == "" and row["forgetting (source WER change) 95% low"] == ""
+            continue
+        assert row["seeds"] == "2", row
+        runs = [r for r in per_seed if (r["domain"], r["method"]) == (row["domain"], row["method"])]
+        assert [r["seed"] for r in runs] == ["0", "1"]
+        main, decoded = (
+            runs[0]["run"].split("@oracle_") if "@oracle_" in runs[0]["run"] else (runs[0]["run"], "")
+        )
+        assert runs[1]["run"] == main + "@seed1" + (f"@oracle_{decoded}" if decoded else "")
+        mean = sum(float(r["target WER"]) for r in runs) / 2
+        assert float(row["target WER"]) == pytest.approx(mean, abs=0.01)
+        for column in ("target WER", "forgetting (source WER change)"):
+            low, high = float(row[f"{column} 95% low"]), float(row[f"{column} 95% high"])
+            assert low <= float(row[column]) <= high, (row, column)
+    seeded = yaml.safe_load((exp / "child" / "ssvd_o@seed1" / "config.yaml").read_text())
+    assert (
+        seeded["seed"] == yaml.safe_load((exp / "child" / "ssvd_o" / "config.yaml").read_text())["seed"] + 1
+    )
+
+
+def test_a_seed_reproduces_its_run_bit_for_bit_and_another_seed_differs(exp: Path, tmp_path: Path) -> None:
+    """child/fusion_grouped_lora (randomly initialised LoRA A and fusion head, then trained) trained
+    again by the command line its log records (its config and seed, data and base), on one thread as
+    stage 8 trains it: the same trained tensors, bit for bit; its seed-1 run differs."""
+    run = exp / "child" / "fusion_grouped_lora"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    logged = next(line for line in (run / "finetune.log").read_text().splitlines() if "asr_train" in line)
+    command = shlex.split(logged)  # ESPnet logs its command line first
+    command[command.index("--output_dir") + 1] = str(tmp_path / "again")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = f"{config['max_epoch']}epoch.pth"
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    original, again = weights(run / last), weights(tmp_path / "again" / last)
+    assert original.keys() == again.keys() and original
+    assert all(torch.equal(original[key], again[key]) for key in original)
+    other = weights(exp / "child" / "fusion_grouped_lora@seed1" / last)
+    assert any(not torch.equal(original[key], other[key]) for key in original)
+
+
 def test_a_test_decode_of_a_run_at_another_rate_is_refused(recipe_root: Path, exp: Path) -> None:
     config = exp / "child" / "ssvd_o" / "config.yaml"
     original = config.read_text()
@@ -187,6 +251,24 @@ def test_a_test_decode_of_a_run_at_another_rate_is_refused(recipe_root: Path, ex
         and "a test is decoded only for a frozen configuration" in result.stderr
     )
     assert "Stage 9: decode" not in result.stdout
+
+
+def test_hdmole_routing_of_every_test_and_its_oracle_rows(exp: Path, domains: list[str]) -> None:
+    with (exp / "hdmole_routing.csv").open() as f:
+        routing = list(csv.DictReader(f))
+    assert [row["split"] for row in routing] == [*domains, "phone", "source"]
+    for row in routing:
+        shares = [float(row[f"to {domain} %"]) for domain in domains]
+        assert sum(shares) == pytest.approx(100.0, abs=0.2) and row["seeds"] == "2", row
+        assert (row["routing accuracy %"] == "") == (row["split"] not in domains), row
+    for domain in domains:
+        oracle = exp / "all" / "hdmole" / "oracle" / domain
+        assert (oracle / "model.pth").is_file()
+        assert not any(
+            ".peft_adapters." in key for key in torch.load(oracle / "model.pth", map_location="cpu")
+        )
+        decoded = (exp / "decode" / f"all/hdmole@oracle_{domain}" / "splits").read_text().split()
+        assert decoded == [f"{domain}_test", "source_test"]
 
 
 def test_hdmole_is_trained_once_on_every_domain_with_their_labels(exp: Path, recipe_root: Path) -> None:
@@ -232,7 +314,7 @@ def test_markdown_table_and_plot_are_written(exp: Path, rows: list[dict[str, str
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows)
     assert f"Base model (the zero-shot rows, the start of every run): `{exp}/base/valid.acc.ave.pth`" in text
-    assert "| domain | method | trainable params | target WER |" in table[0]
+    assert "| domain | method | seeds | trainable params | target WER | target CER |" in table[0]
     plot = exp / "learning_vs_forgetting.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
 

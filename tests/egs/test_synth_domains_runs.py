@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -331,6 +332,56 @@ def test_frozen_rates_set_every_config_of_their_method(tmp_path: Path) -> None:
     (tmp_path / "missing").mkdir()
     missing = plan_runs(tmp_path / "missing", "lora dora", "", "--frozen", str(frozen))
     assert missing.returncode != 0 and "has no frozen rate for dora" in missing.stderr
+
+
+def test_seed_runs_repeat_every_main_run_at_the_next_seeds_and_nothing_else(tmp_path: Path) -> None:
+    import freeze
+
+    frozen = freeze.write_frozen(
+        {"scores": {}, "choices": {"full": 1e-4, "lora": 7e-4, "hdmole": 2e-3}}, tmp_path
+    )
+    result = plan_runs(tmp_path, "full lora hdmole", "budget", "--seeds", "3", "--frozen", str(frozen))
+    assert result.returncode == 0, result.stderr
+    conf = tmp_path / "conf"
+    runs = {line.split("\t")[0]: line.split("\t") for line in (conf / "runs.tsv").read_text().splitlines()}
+    main = [name for name, line in runs.items() if line[2] == "main"]
+    seeded = {name: line for name, line in runs.items() if line[2] == "seed"}
+    assert sorted(seeded) == sorted(f"{name}@seed{i}" for name in main for i in (1, 2))
+    finetune_seed = yaml.safe_load((RECIPE / "conf" / "asr" / "ci" / "finetune.yaml").read_text())["seed"]
+    for name, line in seeded.items():
+        main_line = runs[name.rsplit("@", 1)[0]]
+        assert line[1] == main_line[1] and line[5:] == main_line[5:], name  # method, data and tests
+        config = yaml.safe_load(Path(line[4]).read_text())
+        main_config = yaml.safe_load(Path(main_line[4]).read_text())
+        assert config == {**main_config, "seed": finetune_seed + int(line[3])}, name  # the frozen rate too
+    trainable = json.loads((conf / "trainable.json").read_text())
+    assert trainable["lora@seed2"] == trainable["lora"]
+    assert not any(name.startswith("child/lora@b") and "@seed" in name for name in runs)  # sweeps: one seed
+    (tmp_path / "none").mkdir()
+    no_seed = plan_runs(tmp_path / "none", "lora", "", "--seeds", "0")
+    assert no_seed.returncode != 0 and "--seeds is the number of seeds" in no_seed.stderr
+
+
+def test_a_variant_row_is_its_registry_method_with_its_options_at_the_same_budget(tmp_path: Path) -> None:
+    """ssvd_espnet (the full adapters file's variant: ESPnet master's SSVD) is an SSVD config with
+    espnet_compat, its own row, rate and trainable count within one k step of the budget."""
+    import freeze
+
+    frozen = freeze.write_frozen({"scores": {}, "choices": {"ssvd": 5e-4, "ssvd_espnet": 2e-3}}, tmp_path)
+    result = plan_runs(tmp_path, "ssvd ssvd_espnet", "", "--frozen", str(frozen))
+    assert result.returncode == 0, result.stderr
+    conf = tmp_path / "conf"
+    exact, espnet = (yaml.safe_load((conf / f"{m}.yaml").read_text()) for m in ("ssvd", "ssvd_espnet"))
+    assert exact["peft"] == espnet["peft"] == "ssvd"
+    assert espnet["peft_conf"]["espnet_compat"] is True and "espnet_compat" not in exact["peft_conf"]
+    assert (exact["optim_conf"]["lr"], espnet["optim_conf"]["lr"]) == (5e-4, 2e-3)
+    runs = [line.split("\t") for line in (conf / "runs.tsv").read_text().splitlines()]
+    assert sorted(line[0] for line in runs if line[1] == "ssvd_espnet") == [
+        f"{d}/ssvd_espnet" for d in ("accent", "child", "noisy")
+    ]
+    trainable = json.loads((conf / "trainable.json").read_text())
+    assert abs(trainable["ssvd_espnet"] - trainable["ssvd"]) < 0.05 * trainable["ssvd"], trainable
+    assert json.loads((conf / "budget_shortfalls.json").read_text()) == {}  # both within one k step
 
 
 def test_a_sweep_needs_the_main_config_it_varies(tmp_path: Path) -> None:

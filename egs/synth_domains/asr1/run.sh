@@ -8,11 +8,13 @@
 #   stage 6  shapes             speech_shape of every data dir (utterance_mvn: no stats) -> ${data}/<split>/speech_shape
 #   stage 7  pretrain           base model, stock espnet2.bin.asr_train on source_train -> ${exp}/base/valid.acc.ave.pth
 #   stage 8  fine-tune          each method on each domain's adapt split; equal PEFT budget -> ${exp}/<domain>/<method>/
-#                               (--tune true: first every method at each rate on dev, rates frozen -> ${exp}/frozen/)
+#                               (--tune true: first every method at each rate on dev, rates frozen -> ${exp}/frozen/;
+#                               --seeds n: every main run at n seeds)
 #   stage 9  decode             base (zero-shot) and each adapted model on target + source test -> ${exp}/decode/<name>/
+#                               (HDMoLE also with each domain's experts merged, <name>@oracle_<domain>, and its routing)
 #                               (with a frozen file: refused for a run not trained at its method's frozen rate)
-#   stage 10 score              WER, CER, forgetting, cost per (domain, method), paired differences
-#                                                                                       -> ${exp}/{results,differences}.{md,csv}, .png
+#   stage 10 score              WER, CER, forgetting, cost per (domain, method) over seeds, paired differences,
+#                               HDMoLE's routing   -> ${exp}/{results,differences,hdmole_routing}.{md,csv}, .png
 #   stage 11 merge              per-domain models of each kind merged into one, knobs on dev -> ${exp}/merged/<kind>/<algorithm>/
 #   stage 12 decode merges      every merged model on every target test, the OOD tests, source -> ${exp}/decode/merged/
 #   stage 13 score merges       merged vs base, per-domain, joint and HDMoLE models    -> ${exp}/merging.{md,csv}, .png
@@ -31,7 +33,9 @@
 #                 [--base_model path/valid.acc.ave.pth]             (config.yaml next to it; default ${exp}/base/...)
 #                 [--merging true|false]                            (default: the profile's default_merging)
 #                 [--layer_analysis true|false]                     (default: the profile's default_layer_analysis)
-#                 [--tune true|false] [--frozen F]                  (default: the profile's default_tune; F: ${exp}/frozen/current.yaml)
+#                 [--tune true|false] [--frozen F]                  (default: the profile's default_tune; F: ${exp}/frozen/current.yaml,
+#                                                                    else the profile's committed conf/asr/<profile>/frozen.yaml)
+#                 [--seeds N]                                       (seeds per main run; default: the profile's default_seeds)
 set -euo pipefail
 
 stage=1
@@ -50,11 +54,12 @@ base_model=""  # default: ${exp}/base/valid.acc.ave.pth (pretrained by stage 7 u
 merging=""     # default: default_merging of conf/asr/${profile}/adapters.yaml (stages 11-13, joint runs)
 layer_analysis=""  # default: default_layer_analysis of conf/asr/${profile}/adapters.yaml (stage 14)
 tune=""        # default: default_tune of conf/asr/${profile}/adapters.yaml (stage 8: rates chosen on dev)
-frozen=""      # default: ${exp}/frozen/current.yaml (the learning rates stage 8 trains at, frozen on dev)
+frozen=""      # default: ${exp}/frozen/current.yaml, else ${asr_conf}/frozen.yaml (learning rates frozen on dev)
+seeds=""       # default: default_seeds of conf/asr/${profile}/adapters.yaml (1 if absent)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
-help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false] [--tune true|false] [--frozen F]"
+help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false] [--tune true|false] [--frozen F] [--seeds N]"
 cd "$(dirname "$0")"
 . ./path.sh
 . "${COMMON_ROOT}/parse_options.sh"
@@ -120,6 +125,9 @@ if [ ${stop_stage} -ge 8 ]; then
     [ -n "${tune}" ] || tune=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_tune)
     tune=$(echo "${tune}" | tr '[:upper:]' '[:lower:]')
     case "${tune}" in true | false) ;; "") tune=false ;; *) echo "--tune is true or false, got ${tune}" >&2; exit 1 ;; esac
+    [ -n "${seeds}" ] || seeds=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_seeds)
+    seeds=${seeds:-1}
+    [[ "${seeds}" =~ ^[1-9][0-9]*$ ]] || { echo "--seeds is a number of seeds (1 or more), got ${seeds}" >&2; exit 1; }
     [ -n "${layer_analysis}" ] || layer_analysis=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" default_layer_analysis)
     layer_analysis=$(echo "${layer_analysis}" | tr '[:upper:]' '[:lower:]')
     case "${layer_analysis}" in
@@ -191,7 +199,10 @@ fi
 conf_dir=${exp}/finetune_conf
 runs=${conf_dir}/runs.tsv
 frozen_dir=${exp}/frozen
-frozen=${frozen:-${frozen_dir}/current.yaml}
+if [ -z "${frozen}" ]; then
+    frozen=${frozen_dir}/current.yaml
+    [ -f "${frozen}" ] || [ ! -f "${asr_conf}/frozen.yaml" ] || frozen=${asr_conf}/frozen.yaml
+fi
 if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
     log "Stage 8: fine-tuning configs (every PEFT method at the same budget) and runs -> ${runs}"
     joint_methods=""
@@ -202,7 +213,7 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
         ${python} local/finetune_configs.py --base_config "$(dirname "${base_model}")/config.yaml" \
             --finetune "${asr_conf}/finetune.yaml" --adapters "${asr_conf}/adapters.yaml" --out_dir "${conf_dir}" \
             --data "${data}" --methods "${methods}" --domains "${domains}" --sweeps "${sweeps}" \
-            --joint_methods "${joint_methods}" --ood_domains "${ood_domains}" "$@"
+            --joint_methods "${joint_methods}" --ood_domains "${ood_domains}" --seeds "${seeds}" "$@"
         if grep -q '^all/' "${runs}"; then
             for role in adapt dev; do
                 ${python} local/derived_data_dirs.py combine "${data}/combined/${role}" \
@@ -250,6 +261,7 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
         plan --tune
         train_runs tune
         ${python} local/freeze.py choose --runs "${runs}" --exp "${exp}" --out "${frozen_dir}"
+        frozen=${frozen_dir}/current.yaml  # what this tuning froze
     fi
     if [ -f "${frozen}" ]; then
         log "Stage 8: learning rates frozen on dev: ${frozen}"
@@ -272,6 +284,15 @@ decode() {  # decode NAME MODULE CONFIG MODEL "EXTRA ARGS" TEST_SPLITS...: every
         --asr_model_file "${model}" --data_path_and_name_and_type "${dir}/wav.scp,speech,sound" \
         --output_dir "${dir}" --ngpu 0 ${extra} < /dev/null
     echo "$*" > "${dir}/splits"
+}
+oracle_decode() {  # oracle_decode RUN DOMAIN: the HDMoLE run's DOMAIN experts merged, on DOMAIN's test and source
+    local run=${1:?oracle_decode needs a run} domain=${2:?oracle_decode needs a domain}
+    local dir=${exp}/${run}/oracle/${domain}
+    OMP_NUM_THREADS=${threads} run_logged "${dir}/export.log" ${python} -m espnet_plugins.bin.export_merged \
+        --train_config "${exp}/${run}/config.yaml" --model_file "${exp}/${run}/valid.acc.best.pth" \
+        --output_dir "${dir}" --peft_domain "${domain}" < /dev/null
+    decode "${run}@oracle_${domain}" espnet2.bin.asr_inference "${dir}/config.yaml" "${dir}/model.pth" "" \
+        "${domain}_test" source_test
 }
 decoded() {  # decoded NAME MODEL TEST_SPLITS...: these splits decoded after the model was written
     local dir=${exp}/decode/${1:?decoded needs a name} model=$2
@@ -308,6 +329,31 @@ if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
             ${test_splits}
     done < "${runs}"
     wait_jobs
+    # HDMoLE: the oracle-routing rows (the true domain given: its experts merged, local/hdmole_routing.py's
+    # docstring) and where the domain router sends each test utterance.
+    while IFS=$'\t' read -r run method sweep value config train dev tests; do
+        [ "${method}" = hdmole ] || continue
+        model=${exp}/${run}/valid.acc.best.pth
+        for domain in ${domains}; do
+            if decoded "${run}@oracle_${domain}" "${model}" "${domain}_test" source_test; then
+                log "Stage 9: ${run} with ${domain}'s experts decoded, skipped"
+                continue
+            fi
+            log "Stage 9: ${run} with ${domain}'s experts (oracle routing) -> ${exp}/decode/${run}@oracle_${domain}"
+            start_job oracle_decode "${run}" "${domain}"
+        done
+        routing=${exp}/decode/${run}/routing
+        if [ "${routing}/routing.csv" -nt "${model}" ]; then
+            log "Stage 9: ${run}'s routing done, skipped"
+            continue
+        fi
+        log "Stage 9: ${run}'s domain routing of every test -> ${routing}"
+        tests_of_run=""
+        for domain in ${tests} source; do tests_of_run="${tests_of_run} --test ${domain}=${data}/${domain}_test"; done
+        start_job run_logged "${routing}/routing.log" ${python} local/hdmole_routing.py \
+            --config "${exp}/${run}/config.yaml" --model "${model}" --out_dir "${routing}" ${tests_of_run}
+    done < "${runs}"
+    wait_jobs
 fi
 
 if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
@@ -315,6 +361,7 @@ if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
     ${python} local/score.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}" \
         --base_model "${base_model}" --frozen "${frozen}"
     ${python} local/differences.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}"
+    ${python} local/routing_report.py --exp "${exp}" --runs "${runs}"
 fi
 
 merged_dir=${exp}/merged

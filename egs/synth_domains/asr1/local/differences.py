@@ -1,8 +1,9 @@
-"""Stage 10: which differences of the results table are real. For every main run and each reference
+"""Stage 10: which differences of the results table are real. For every method and each reference
 method (default: full fine-tuning and LoRA), on each domain: its target-test WER minus the
-reference's, and its source-test WER minus the reference's (forgetting), each with a 95 % paired
-bootstrap interval over the test's utterances (``significance.paired_bootstrap``; the same
-utterances, one draw for both systems). An interval that holds zero reads "no difference".
+reference's, and its source-test WER minus the reference's (forgetting), each over the seeds of both
+cells (the main run and its seed runs), with a 95 % paired bootstrap interval over the test's
+utterances (``significance.paired_bootstrap``: per utterance, the errors averaged over each system's
+seeds; one draw for both systems). An interval that holds zero reads "no difference".
 
 Writes ``differences.csv`` and ``differences.md`` in the experiment dir.
 """
@@ -16,16 +17,19 @@ from pathlib import Path
 import numpy as np
 from kaldi_files import read_table
 from runs import Run, read_runs
-from scoring import utterance_errors
+from score import cells, word_errors
 from significance import Interval, paired_bootstrap
 
-COLUMNS = ("domain", "test", "method", "reference", "WER difference", "95% low", "95% high", "verdict")
+COLUMNS = (
+    "domain", "test", "method", "reference", "seeds", "WER difference", "95% low", "95% high", "verdict",
+)  # fmt: skip
 
 
-def word_errors(references: dict[str, str], hypotheses: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """(errors, reference words) per utterance, in the references' order."""
-    errors = utterance_errors(references, hypotheses)
-    return np.array([w.errors for w, _ in errors]), np.array([w.length for w, _ in errors])
+def seed_errors(exp: Path, runs: list[Run], references: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds x utterances word errors, reference words per utterance) of a cell's runs."""
+    hypotheses = [read_table(exp / "decode" / run.name / "1best_recog" / "text") for run in runs]
+    errors = [word_errors(references, hyps) for hyps in hypotheses]
+    return np.stack([e for e, _ in errors]), errors[0][1]
 
 
 def verdict(difference: Interval, method: str, reference: str) -> str:
@@ -37,17 +41,12 @@ def verdict(difference: Interval, method: str, reference: str) -> str:
 def difference_rows(
     data: Path, exp: Path, runs: list[Run], domains: list[str], references: list[str], resamples: int
 ) -> list[dict[str, object]]:
-    main = {(domain, r.method): r for r in runs if r.sweep == "main" for domain in r.tests}
     rows: list[dict[str, object]] = []
     tests = {"target": lambda domain: f"{domain}_test", "source": lambda _: "source_test"}
     for domain in domains:
         for test, split in tests.items():
             texts = read_table(data / split(domain) / "text")
-            errors = {
-                method: word_errors(texts, read_table(exp / "decode" / run.name / "1best_recog" / "text"))
-                for (run_domain, method), run in main.items()
-                if run_domain == domain
-            }
+            errors = {method: seed_errors(exp, cell, texts) for method, cell in cells(runs, domain).items()}
             for reference in references:
                 if reference not in errors:
                     continue
@@ -62,6 +61,7 @@ def difference_rows(
                             "test": test,
                             "method": method,
                             "reference": reference,
+                            "seeds": f"{len(method_errors)} / {len(reference_errors)}",
                             "WER difference": round(difference.mean, 2),
                             "95% low": round(difference.low, 2),
                             "95% high": round(difference.high, 2),
@@ -76,7 +76,8 @@ def markdown(rows: list[dict[str, object]], title: str) -> str:
         f"# {title}",
         "",
         "WER of the method minus WER of the reference, in points, with the 95 % paired bootstrap "
-        "interval over the test's utterances (one seed per run).",
+        "interval over the test's utterances, each system's errors averaged over its seeds (seeds: the "
+        "method's / the reference's).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + " --- |" * len(COLUMNS),

@@ -4,7 +4,9 @@ list of runs (``runs.tsv``) that stages 8-10 work through.
 ``full.yaml`` is a complete config for stock ``espnet2.bin.asr_train --init_param <base>``: the
 base's model options (``config.yaml`` next to the base model) plus the fine-tuning options.
 ``<method>.yaml`` (lora, dora, pissa, ssvd, ssvd_o, hdmole) holds the fine-tuning options and a
-``peft:`` block for ``espnet_plugins.bin.asr_train``, which takes the model options from the base.
+``peft:`` block for ``espnet_plugins.bin.asr_train``, which takes the model options from the base; so
+does ``<variant>.yaml`` for a variant of the adapters file (``variants.<name>: {method: ssvd,
+espnet_compat: true}``: a row of its own, e.g. ESPnet master's SSVD beside the exact one).
 A feature-fusion row ``<name>.yaml`` (the adapters file's ``fusion.<name>``) holds a ``fusion:``
 block instead (and a ``peft:`` block for its encoder adapters, if any); ``layer_analysis.yaml`` the
 adapters file's ``layer_analysis`` block, which stage 14 trains on one tap at a time.
@@ -19,6 +21,9 @@ Runs (one line each in ``runs.tsv``, see local/runs.py):
   domains' adapt splits together, with ``utt2domain`` labels (``all/hdmole``), tested on each domain
   and each out-of-distribution domain, at B times the number of domains (what the per-domain
   adapters of one method hold together);
+- seed (``--seeds n``): every main run again with the seeds after the finetune file's (``seed``: s,
+  ``seed + 1``, ..., n seeds in all): ``<run>@seed<i>``, its config ``<config>@seed<i>.yaml`` (the main
+  config, ``seed`` s + i); the main run is seed s. Stage 10 reports each cell over its seeds;
 - joint (``--joint_methods``, for the merging stages): one model per method on all domains' adapt
   splits together (``all/<method>``, the method's main config: a joint adapter has budget B), tested
   on each domain and each out-of-distribution domain: what a user would train instead of merging;
@@ -48,7 +53,7 @@ from typing import Any
 
 import yaml
 from freeze import TUNE, frozen_rate
-from runs import SWEEPS, Run, write_runs
+from runs import SEED, SWEEPS, Run, write_runs
 
 from espnet_plugins.fusion import DEFAULT_TRAIN_MODULES, TRAIN_MODULES_KEY
 from espnet_plugins.modules import build_meta_model, stock_task
@@ -70,11 +75,24 @@ ALL_DOMAINS = "all"
 
 
 def method_options(adapters: dict[str, Any], method: str, domains: list[str]) -> dict[str, Any]:
-    """A method's options besides its rank or k: targets, the adapters file's options, HDMoLE's domains."""
-    options = {"target_modules": list(adapters["target_modules"]), **adapters["methods"].get(method, {})}
-    if method == "hdmole":
+    """A method's options besides its rank or k: targets, the adapters file's options, HDMoLE's domains.
+    A variant (the adapters file's ``variants.<name>``: a registry ``method`` with other options) takes
+    that method's options with its own over them."""
+    variant = dict((adapters.get("variants") or {}).get(method) or {})
+    base = variant.pop("method", method)
+    options = {
+        "target_modules": list(adapters["target_modules"]),
+        **adapters["methods"].get(base, {}),
+        **variant,
+    }
+    if base == "hdmole":
         options.update(num_domains=len(domains), domains=list(domains))
     return options
+
+
+def registry_method(adapters: dict[str, Any], name: str) -> str:
+    """The registry method of a row: the variant's ``method``, or the name itself."""
+    return ((adapters.get("variants") or {}).get(name) or {}).get("method", name)
 
 
 def reference_budget(model: Any, adapters: dict[str, Any], value: int | None = None) -> int:
@@ -115,24 +133,26 @@ class Planner:
         self.frozen_rates: dict[str, float] = {}  # method -> learning rate frozen on dev (freeze.py)
 
     def peft_config(
-        self, name: str, options: dict[str, Any], match: BudgetMatch
+        self, name: str, options: dict[str, Any], match: BudgetMatch, row: str = ""
     ) -> tuple[str, dict[str, Any]]:
-        """Write the config of ``match`` (the method's ``options`` at its rank or k); a budget out of the
-        method's reach is recorded in ``shortfalls`` and printed. (config path, peft_conf block)"""
+        """Write the config of ``match`` (the method's ``options`` at its rank or k), with the training
+        options and frozen rate of ``row`` (default: the method); a budget out of the method's reach is
+        recorded in ``shortfalls`` and printed. (config path, peft_conf block)"""
         if not match.reached:
             print(f"warning: {name}: {match.describe()}", file=sys.stderr)
             self.shortfalls[name] = {"budget": match.budget, "trainable": match.trainable}
         block = {**options, match.knob: match.value}
-        return self.write_config(name, match.method, block), block
+        return self.write_config(name, match.method, block, row), block
 
-    def write_config(self, name: str, method: str, block: dict[str, Any] | None) -> str:
-        """Full fine-tuning (``block`` None) or a PEFT method's ``peft_conf`` block."""
+    def write_config(self, name: str, method: str, block: dict[str, Any] | None, row: str = "") -> str:
+        """Full fine-tuning (``block`` None) or a PEFT method's ``peft_conf`` block; ``row``: whose
+        training options and frozen rate (default: the method's)."""
         if method == "full":
             config = {key: self.base[key] for key in MODEL_KEYS if key in self.base}
             trainable = sum(parameter.numel() for parameter in self.model.parameters())
             return self.write_training(name, method, config, trainable)
         trainable = estimate_budget(self.model, method, **block).trainable
-        return self.write_training(name, method, {"peft": method, "peft_conf": block}, trainable)
+        return self.write_training(name, row or method, {"peft": method, "peft_conf": block}, trainable)
 
     def write_training(self, name: str, method: str, model_options: dict[str, Any], trainable: int) -> str:
         """``<name>.yaml``: ``model_options``, then the fine-tuning options with the adapters file's
@@ -190,7 +210,12 @@ class Planner:
         fusion = [m for m in methods if m in (self.adapters.get("fusion") or {})]
         peft = [m for m in methods if m != "full" and m not in fusion]
         options = {m: method_options(self.adapters, m, self.domains) for m in peft}
-        matches = budget_matches(self.model, budget, {m: o for m, o in options.items() if m != "hdmole"})
+        variants = [m for m in peft if registry_method(self.adapters, m) != m]
+        plain = {m: o for m, o in options.items() if m != "hdmole" and m not in variants}
+        matches = budget_matches(self.model, budget, plain)
+        for name in variants:  # a variant: its registry method's knob, matched on its own options
+            method = registry_method(self.adapters, name)
+            matches[name] = budget_matches(self.model, budget, {method: options[name]})[method]
         if "hdmole" in options:  # one model for every domain: the budget of the per-domain adapters together
             hdmole_budget = budget * len(self.domains)
             matches.update(budget_matches(self.model, hdmole_budget, {"hdmole": options["hdmole"]}))
@@ -201,7 +226,7 @@ class Planner:
             elif method in fusion:
                 config = self.fusion_config(method, self.adapters["fusion"][method])
             else:
-                config, blocks[method] = self.peft_config(method, options[method], matches[method])
+                config, blocks[method] = self.peft_config(method, options[method], matches[method], method)
             if method == "hdmole":
                 self.add_joint_run(method, "main", config)
                 continue
@@ -242,6 +267,23 @@ class Planner:
                     continue
                 for domain in tuning["domains"]:
                     self.add_domain_run(domain, name, method, TUNE, f"{rate:g}", str(path))
+
+    def seed_runs(self, seeds: int) -> None:
+        """Every main run again at each further seed (module docstring): sweep ``seed``, value ``i``."""
+        if seeds < 1:
+            raise SystemExit(f"--seeds is the number of seeds per main run (1 or more), got {seeds}")
+        first = int(self.finetune.get("seed", 0))
+        for run in [run for run in self.runs if run.sweep == "main"]:
+            main = Path(run.config)
+            for index in range(1, seeds):
+                path = main.with_name(f"{main.stem}@seed{index}.yaml")
+                config = yaml.safe_load(main.read_text())
+                path.write_text(yaml.safe_dump({**config, "seed": first + index}, sort_keys=False))
+                self.trainable[path.stem] = self.trainable[main.stem]
+                name = f"{run.name}@seed{index}"
+                self.runs.append(
+                    Run(name, run.method, SEED, str(index), str(path), run.train, run.dev, run.tests)
+                )
 
     def joint_runs(self, methods: list[str], main_methods: list[str]) -> None:
         """The joint runs of ``methods`` (each with its main config; HDMoLE is always joint)."""
@@ -313,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ood_domains", default="", help="space-separated out-of-distribution test domains of joint runs"
     )
     parser.add_argument("--tune", action="store_true", help="also the tuning runs of every main method")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per main run (the finetune file's first)")
     parser.add_argument(
         "--frozen", type=Path, default=None, help="learning rates frozen on dev (local/freeze.py), per method"
     )
@@ -336,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         planner.frozen_rates = {method: frozen_rate(args.frozen, method) for method in methods}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     blocks = planner.main_runs(methods)
+    planner.seed_runs(args.seeds)
     if args.tune:
         planner.tuning_runs(methods)
     planner.joint_runs(args.joint_methods.split(), methods)
@@ -351,9 +395,9 @@ def main(argv: list[str] | None = None) -> None:
         main_settings["split"] = str(blocks["ssvd_o"].get("outer_share", ""))
     (args.out_dir / "main_settings.json").write_text(json.dumps(main_settings) + "\n")
     write_runs(args.out_dir / "runs.tsv", planner.runs)
+    knob_of = {m: get_method(registry_method(adapters, m)).knob for m in blocks}
     knobs = ", ".join(
-        f"{m} {get_method(m).knob}={b[get_method(m).knob]} ({planner.trainable[m]:,})"
-        for m, b in blocks.items()
+        f"{m} {knob_of[m]}={b[knob_of[m]]} ({planner.trainable[m]:,})" for m, b in blocks.items()
     )
     print(f"{len(planner.runs)} runs; main budget: {knobs}; full {planner.trainable.get('full', 0):,}")
 

@@ -3,8 +3,9 @@
     run  method  sweep  value  config  train-data  dev-data  test-domains
 
 ``run`` is its dir under exp (``<domain>/<method>[@<variant>]``, or ``all/<method>`` for a run on
-every domain together); ``sweep`` is ``main``, ``joint`` (a joint run for the merging stages),
-``budget``, ``split`` or ``fewshot``, ``value`` the swept value (``-`` for main runs: bash's
+every domain together); ``sweep`` is ``main``, ``seed`` (a main run at another seed, ``<main>@seed<i>``),
+``tune`` (local/freeze.py), ``joint`` (a joint run for the merging stages), ``budget``, ``split`` or
+``fewshot``, ``value`` the swept value (the seed's index for ``seed``; ``-`` for main runs: bash's
 ``read`` would merge empty tab-separated fields); ``test-domains`` is space-separated.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SWEEPS = ("budget", "split", "fewshot")
+SEED = "seed"
 
 
 @dataclass(frozen=True)

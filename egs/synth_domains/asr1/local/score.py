@@ -7,6 +7,14 @@
                             (how much of full fine-tuning's improvement a method gets; empty when
                             full fine-tuning did not improve on the base or did not run)
 
+A cell of the main table (a method on a domain) is the mean over its seeds (the main run and its
+``seed`` runs); its target WER has a 95 % two-level bootstrap interval (seeds and test utterances,
+``significance.cell_bootstrap``), its forgetting a 95 % paired bootstrap interval against the base on
+the source test's utterances (``significance.paired_bootstrap``); the base's target WER has the
+bootstrap interval over the utterances. Every run's own row is in ``results_seeds.csv``. HDMoLE has a
+second row per domain, ``hdmole@oracle``: its runs decoded with that domain's experts merged (the
+true domain given instead of the router's choice; stage 9).
+
 Runs come from ``runs.tsv`` (local/finetune_configs.py). Main table: per target domain, the base model
 (zero-shot) and every main run tested on it (HDMoLE, trained once on all domains, on each): written
 as ``results.csv``, ``results.md`` and ``learning_vs_forgetting.png`` (target WER against source WER,
@@ -23,18 +31,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from kaldi_files import read_table
-from runs import SWEEPS, Run, read_runs
-from scoring import ErrorRate, error_rates
+from runs import SEED, SWEEPS, Run, read_runs
+from scoring import ErrorRate, error_rates, utterance_errors
+from significance import Interval, cell_bootstrap, paired_bootstrap
 
 BASE = "base"
 FULL = "full"
+HDMOLE = "hdmole"
+ORACLE = "@oracle_"  # an HDMoLE run decoded with one domain's experts merged (the true domain given)
 GAIN_SHARE = "share of full-FT gain %"
+FORGETTING = "forgetting (source WER change)"
 COLUMNS = (
     "domain", "method", "trainable params", "target WER", "target CER", GAIN_SHARE,
-    "source WER", "source CER", "forgetting (source WER change)", "train seconds", "peak memory MB",
+    "source WER", "source CER", FORGETTING, "train seconds", "peak memory MB",
 )  # fmt: skip
+LOW, HIGH = " 95% low", " 95% high"
+WITH_INTERVALS = ("target WER", FORGETTING)  # the main table's columns with an interval
+CELL_COLUMNS = (
+    "domain", "method", "seeds", "trainable params", "target WER", "target WER" + LOW, "target WER" + HIGH,
+    "target CER", GAIN_SHARE, "source WER", "source CER", FORGETTING, FORGETTING + LOW, FORGETTING + HIGH,
+    "train seconds", "peak memory MB",
+)  # fmt: skip
+SEED_COLUMNS = ("run", "seed", *COLUMNS)
 SWEEP_COLUMNS = ("sweep", "value", *COLUMNS)
 SWEEP_AXES = {
     "budget": "trainable parameters",
@@ -61,21 +82,55 @@ class Scorer:
         self.source_refs = read_table(data / "source_test" / "text")
         self.base_hyps = read_table(exp / "decode" / BASE / "1best_recog" / "text")
         self.base_source = error_rates(self.source_refs, self.base_hyps)
+        self.base_source_errors, self.source_words = word_errors(self.source_refs, self.base_hyps)
         self.planned = json.loads((exp / "finetune_conf" / "trainable.json").read_text())
 
     def base_row(self, domain: str) -> dict[str, object]:
         target = error_rates(self.targets(domain), self.base_hyps)
         return row(domain, BASE, 0, target, self.base_source, self.base_source, None)
 
+    def base_cell(self, domain: str) -> dict[str, object]:
+        """The base's row of the main table: its target WER with the interval over utterances."""
+        errors, words = word_errors(self.targets(domain), self.base_hyps)
+        base = self.base_row(domain)
+        nothing = Interval(0.0, float("nan"), float("nan"))
+        return cell(base, "", cell_bootstrap(errors, words), nothing)
+
+    def main_cell(self, domain: str, runs: list[Run], decoded: str = "") -> dict[str, object]:
+        """A method's row of the main table from its runs at every seed (module docstring); ``decoded``:
+        the suffix of another decoding of each run (``@oracle_<domain>``), its row the method's name
+        with that suffix."""
+        per_seed = [self.run_row(run, domain, decoded) for run in runs]
+        hypotheses = [self.hypotheses(run.name + decoded) for run in runs]
+        targets = self.targets(domain)
+        target_errors = np.stack([word_errors(targets, hyps)[0] for hyps in hypotheses])
+        source_errors = np.stack([word_errors(self.source_refs, hyps)[0] for hyps in hypotheses])
+        target = cell_bootstrap(target_errors, word_errors(targets, hypotheses[0])[1])
+        forgetting = paired_bootstrap(source_errors, self.base_source_errors, self.source_words)
+        means = {
+            column: round(float(np.mean([float(r[column]) for r in per_seed])), 2)
+            for column in ("target CER", "source WER", "source CER", "train seconds", "peak memory MB")
+        }
+        return cell({**per_seed[0], **means}, str(len(runs)), target, forgetting)
+
     def targets(self, domain: str) -> dict[str, str]:
         return read_table(self.data / f"{domain}_test" / "text")
 
-    def run_row(self, run: Run, domain: str) -> dict[str, object]:
-        hyps = read_table(self.exp / "decode" / run.name / "1best_recog" / "text")
+    def hypotheses(self, decoded: str) -> dict[str, str]:
+        return read_table(self.exp / "decode" / decoded / "1best_recog" / "text")
+
+    def oracle_decoded(self, runs: list[Run], domain: str) -> bool:
+        """Whether every run of an HDMoLE cell was decoded with ``domain``'s experts (stage 9)."""
+        return all(
+            (self.exp / "decode" / f"{run.name}{ORACLE}{domain}" / "1best_recog").is_dir() for run in runs
+        )
+
+    def run_row(self, run: Run, domain: str, decoded: str = "") -> dict[str, object]:
+        hyps = self.hypotheses(run.name + decoded)
         run_dir = self.exp / run.name
         return row(
             domain,
-            run.method,
+            run.method + decoded.replace(f"_{domain}", ""),
             trainable_parameters(run_dir, run.method, self.planned[Path(run.config).stem]),
             error_rates(self.targets(domain), hyps),
             error_rates(self.source_refs, hyps),
@@ -84,12 +139,66 @@ class Scorer:
         )
 
 
+def word_errors(references: dict[str, str], hypotheses: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(word errors, reference words) per utterance, in the references' order."""
+    errors = utterance_errors(references, hypotheses)
+    return np.array([w.errors for w, _ in errors]), np.array([w.length for w, _ in errors])
+
+
+def cell(run_row: dict[str, object], seeds: str, target: Interval, forgetting: Interval) -> dict[str, object]:
+    """A main-table row: ``run_row``'s values with the seeds, the target WER and the forgetting (means
+    over the seeds) and their intervals (empty when there is none)."""
+    values = {
+        **run_row,
+        "seeds": seeds,
+        "target WER": round(target.mean, 2),
+        FORGETTING: round(forgetting.mean, 2),
+    }
+    for column, interval in (("target WER", target), (FORGETTING, forgetting)):
+        for suffix, bound in ((LOW, interval.low), (HIGH, interval.high)):
+            values[column + suffix] = "" if np.isnan(bound) else round(bound, 2)
+    return {column: values[column] for column in CELL_COLUMNS}
+
+
+def cells(runs: list[Run], domain: str) -> dict[str, list[Run]]:
+    """Each method's runs tested on ``domain``: its main run, then its seed runs in seed order."""
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.sweep == "main" and domain in run.tests:
+            grouped[run.method] = [run]
+    for run in sorted((r for r in runs if r.sweep == SEED), key=lambda r: int(r.value)):
+        if domain in run.tests and run.method in grouped:
+            grouped[run.method].append(run)
+    return grouped
+
+
 def result_rows(scorer: Scorer, runs: list[Run], domains: list[str]) -> list[dict[str, object]]:
-    """Per domain: the base (zero-shot), then every main run tested on that domain."""
+    """Per domain: the base (zero-shot), then every method tested on that domain, over its seeds."""
     rows: list[dict[str, object]] = []
     for domain in domains:
-        rows.append(scorer.base_row(domain))
-        rows += [scorer.run_row(r, domain) for r in runs if r.sweep == "main" and domain in r.tests]
+        rows.append(scorer.base_cell(domain))
+        for method, cell_runs in cells(runs, domain).items():
+            rows.append(scorer.main_cell(domain, cell_runs))
+            if method == HDMOLE and scorer.oracle_decoded(cell_runs, domain):
+                rows.append(scorer.main_cell(domain, cell_runs, f"{ORACLE}{domain}"))
+    return rows
+
+
+def seed_rows(scorer: Scorer, runs: list[Run], domains: list[str]) -> list[dict[str, object]]:
+    """Every run of the main table on its own (``results_seeds.csv``): run name (its decoding's, for an
+    oracle-routing row) and seed first."""
+    rows: list[dict[str, object]] = []
+    for domain in domains:
+        for method, cell_runs in cells(runs, domain).items():
+            decodings = [""]
+            if method == HDMOLE and scorer.oracle_decoded(cell_runs, domain):
+                decodings.append(f"{ORACLE}{domain}")
+            for decoded in decodings:
+                for run in cell_runs:
+                    seed = run.value if run.sweep == SEED else "0"
+                    rows.append(
+                        {"run": run.name + decoded, "seed": seed, **scorer.run_row(run, domain, decoded)}
+                    )
     return rows
 
 
@@ -156,7 +265,22 @@ def rates_note(frozen: Path | None) -> str:
     if frozen is None or not frozen.is_file():
         return "Learning rates: the adapters file's `training` (not frozen on dev: `--tune true`)"
     record = yaml.safe_load(frozen.read_text())
-    return f"Learning rates: frozen on dev in `{frozen.parent / record['file']}` (made {record['made']})"
+    dated = frozen.parent / record["file"]
+    return (
+        f"Learning rates: frozen on dev in `{dated if dated.is_file() else frozen}` (made {record['made']})"
+    )
+
+
+def with_intervals(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Main-table rows for reading: each column of WITH_INTERVALS as ``mean [low, high]``."""
+    readable = []
+    for r in rows:
+        shown = {column: value for column, value in r.items() if not column.endswith((LOW, HIGH))}
+        for column in WITH_INTERVALS:
+            if r[column + LOW] != "":
+                shown[column] = f"{r[column]} [{r[column + LOW]}, {r[column + HIGH]}]"
+        readable.append(shown)
+    return readable
 
 
 def markdown(rows: list[dict[str, object]], title: str, base_model: str, rates: str) -> str:
@@ -181,7 +305,15 @@ def plot(rows: list[dict[str, object]], domains: list[str], path: Path) -> None:
     for axis, domain in zip(axes[0], domains, strict=True):
         for r in (r for r in rows if r["domain"] == domain):
             marker = "*" if r["method"] == BASE else "o"
-            axis.scatter(r["source WER"], r["target WER"], marker=marker, color=colors[r["method"]])
+            x, y = float(r["source WER"]), float(r["target WER"])
+            errors = {}
+            if r["target WER" + LOW] != "":
+                errors["yerr"] = [[y - float(r["target WER" + LOW])], [float(r["target WER" + HIGH]) - y]]
+            if r[FORGETTING + LOW] != "":
+                forgetting = float(r[FORGETTING])
+                low, high = float(r[FORGETTING + LOW]), float(r[FORGETTING + HIGH])
+                errors["xerr"] = [[forgetting - low], [high - forgetting]]
+            axis.errorbar(x, y, fmt=marker, color=colors[r["method"]], elinewidth=0.8, capsize=2, **errors)
             axis.annotate(str(r["method"]), (r["source WER"], r["target WER"]), fontsize=8)
         axis.set_title(domain)
         axis.set_xlabel("source WER % (forgetting: right)")
@@ -243,8 +375,17 @@ def main() -> None:
     runs = read_runs(args.runs)
     rows = result_rows(scorer, runs, domains)
     fill_gain_shares(rows, rows)
-    write_csv(rows, COLUMNS, args.exp / "results.csv")
-    table = markdown(rows, f"Learning vs forgetting: {args.exp}", args.base_model, rates)
+    write_csv(rows, CELL_COLUMNS, args.exp / "results.csv")
+    per_seed = seed_rows(scorer, runs, domains)
+    fill_gain_shares(per_seed, rows)
+    write_csv(per_seed, SEED_COLUMNS, args.exp / "results_seeds.csv")
+    seeds = sorted({int(r["seeds"]) for r in rows if r["seeds"] != ""})
+    note = (
+        f"{rates}\n\nSeeds per cell: {', '.join(map(str, seeds))} (each run: results_seeds.csv). "
+        "Target WER: the mean over the seeds [95 % bootstrap interval over seeds and test utterances]; "
+        "forgetting: [95 % paired bootstrap interval against the base over the source test's utterances]."
+    )
+    table = markdown(with_intervals(rows), f"Learning vs forgetting: {args.exp}", args.base_model, note)
     (args.exp / "results.md").write_text(table)
     plot(rows, domains, args.exp / "learning_vs_forgetting.png")
     print(table)

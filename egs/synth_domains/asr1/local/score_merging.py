@@ -122,7 +122,7 @@ def system_rows(
         kind: {r.tests[0]: r for r in runs if r.sweep == "main" and r.method == kind and len(r.tests) == 1}
         for kind in kinds
     }
-    joint = [r for r in runs if r.name.startswith("all/")]
+    joint = [r for r in runs if r.name.startswith("all/") and r.sweep in ("main", "joint")]  # seed 0
     records = []
     for kind in kinds:
         if set(per_domain[kind]) >= set(scorer.domains):
