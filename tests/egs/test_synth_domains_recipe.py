@@ -315,6 +315,11 @@ def test_markdown_table_and_plot_are_written(exp: Path, rows: list[dict[str, str
     assert len(table) == 2 + len(rows)
     assert f"Base model (the zero-shot rows, the start of every run): `{exp}/base/valid.acc.ave.pth`" in text
     assert "| domain | method | seeds | trainable params | target WER | target CER |" in table[0]
+    report = (exp / "report.md").read_text()
+    assert "./run.sh --profile ci --python" in report and "| fusion_grouped_lora | **" in report
+    for section in ("## Learning vs forgetting", "## Paired differences", "## HDMoLE routing", "## Sweeps"):
+        assert section in report
+    assert table[0] in report  # the results table itself
     plot = exp / "learning_vs_forgetting.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
 

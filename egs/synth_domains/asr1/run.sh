@@ -14,7 +14,8 @@
 #                               (HDMoLE also with each domain's experts merged, <name>@oracle_<domain>, and its routing)
 #                               (with a frozen file: refused for a run not trained at its method's frozen rate)
 #   stage 10 score              WER, CER, forgetting, cost per (domain, method) over seeds, paired differences,
-#                               HDMoLE's routing   -> ${exp}/{results,differences,hdmole_routing}.{md,csv}, .png
+#                               HDMoLE's routing   -> ${exp}/{results,differences,hdmole_routing}.{md,csv}, .png,
+#                               and the report of them all -> ${exp}/report.md
 #   stage 11 merge              per-domain models of each kind merged into one, knobs on dev -> ${exp}/merged/<kind>/<algorithm>/
 #   stage 12 decode merges      every merged model on every target test, the OOD tests, source -> ${exp}/decode/merged/
 #   stage 13 score merges       merged vs base, per-domain, joint and HDMoLE models    -> ${exp}/merging.{md,csv}, .png
@@ -37,6 +38,7 @@
 #                                                                    else the profile's committed conf/asr/<profile>/frozen.yaml)
 #                 [--seeds N]                                       (seeds per main run; default: the profile's default_seeds)
 set -euo pipefail
+command_line="./$(basename "$0") $*"  # into the report of stage 10
 
 stage=1
 stop_stage=100
@@ -362,6 +364,7 @@ if [ ${stage} -le 10 ] && [ ${stop_stage} -ge 10 ]; then
         --base_model "${base_model}" --frozen "${frozen}"
     ${python} local/differences.py --data "${data}" --exp "${exp}" --runs "${runs}" --domains "${domains}"
     ${python} local/routing_report.py --exp "${exp}" --runs "${runs}"
+    ${python} local/report.py --exp "${exp}" --frozen "${frozen}" --command "${command_line}"
 fi
 
 merged_dir=${exp}/merged
