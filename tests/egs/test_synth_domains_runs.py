@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -139,8 +140,10 @@ def write_base_config(path: Path) -> Path:
     """config.yaml of a small ESPnet Transformer ASR model: ESPnet's defaults plus the model options."""
     from espnet2.tasks.asr import ASRTask
 
+    with mock.patch.object(sys, "argv", [sys.argv[0]]):  # ESPnet parses the process's argv for its defaults
+        defaults = ASRTask.get_default_config()
     config = {
-        **ASRTask.get_default_config(),
+        **defaults,
         "token_list": ["<blank>", "<unk>", "a", "b", "<sos/eos>"],
         "input_size": 20,
         "frontend": None,
