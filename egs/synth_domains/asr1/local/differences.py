@@ -14,22 +14,14 @@ import argparse
 import csv
 from pathlib import Path
 
-import numpy as np
 from kaldi_files import read_table
 from runs import Run, read_runs
-from score import cells, word_errors
+from score import cells, seed_errors
 from significance import Interval, paired_bootstrap
 
 COLUMNS = (
     "domain", "test", "method", "reference", "seeds", "WER difference", "95% low", "95% high", "verdict",
 )  # fmt: skip
-
-
-def seed_errors(exp: Path, runs: list[Run], references: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """(seeds x utterances word errors, reference words per utterance) of a cell's runs."""
-    hypotheses = [read_table(exp / "decode" / run.name / "1best_recog" / "text") for run in runs]
-    errors = [word_errors(references, hyps) for hyps in hypotheses]
-    return np.stack([e for e, _ in errors]), errors[0][1]
 
 
 def verdict(difference: Interval, method: str, reference: str) -> str:
@@ -46,7 +38,10 @@ def difference_rows(
     for domain in domains:
         for test, split in tests.items():
             texts = read_table(data / split(domain) / "text")
-            errors = {method: seed_errors(exp, cell, texts) for method, cell in cells(runs, domain).items()}
+            errors = {
+                method: seed_errors(exp, [run.name for run in cell], texts)
+                for method, cell in cells(runs, domain).items()
+            }
             for reference in references:
                 if reference not in errors:
                     continue

@@ -101,11 +101,10 @@ class Scorer:
         the suffix of another decoding of each run (``@oracle_<domain>``), its row the method's name
         with that suffix."""
         per_seed = [self.run_row(run, domain, decoded) for run in runs]
-        hypotheses = [self.hypotheses(run.name + decoded) for run in runs]
-        targets = self.targets(domain)
-        target_errors = np.stack([word_errors(targets, hyps)[0] for hyps in hypotheses])
-        source_errors = np.stack([word_errors(self.source_refs, hyps)[0] for hyps in hypotheses])
-        target = cell_bootstrap(target_errors, word_errors(targets, hypotheses[0])[1])
+        names = [run.name + decoded for run in runs]
+        target_errors, target_words = seed_errors(self.exp, names, self.targets(domain))
+        source_errors, _ = seed_errors(self.exp, names, self.source_refs)
+        target = cell_bootstrap(target_errors, target_words)
         forgetting = paired_bootstrap(source_errors, self.base_source_errors, self.source_words)
         means = {
             column: round(float(np.mean([float(r[column]) for r in per_seed])), 2)
@@ -143,6 +142,14 @@ def word_errors(references: dict[str, str], hypotheses: dict[str, str]) -> tuple
     """(word errors, reference words) per utterance, in the references' order."""
     errors = utterance_errors(references, hypotheses)
     return np.array([w.errors for w, _ in errors]), np.array([w.length for w, _ in errors])
+
+
+def seed_errors(exp: Path, decoded: list[str], references: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds x utterances word errors, reference words per utterance) of the decodings ``decoded``
+    (names under ``<exp>/decode``: a cell's runs, one per seed)."""
+    hypotheses = [read_table(exp / "decode" / name / "1best_recog" / "text") for name in decoded]
+    errors = [word_errors(references, hyps) for hyps in hypotheses]
+    return np.stack([e for e, _ in errors]), errors[0][1]
 
 
 def cell(run_row: dict[str, object], seeds: str, target: Interval, forgetting: Interval) -> dict[str, object]:
