@@ -352,7 +352,7 @@ if [ ${stage} -le 9 ] && [ ${stop_stage} -ge 9 ]; then
         log "Stage 9: ${run}'s domain routing of every test -> ${routing}"
         tests_of_run=""
         for domain in ${tests} source; do tests_of_run="${tests_of_run} --test ${domain}=${data}/${domain}_test"; done
-        start_job run_logged "${routing}/routing.log" ${python} local/hdmole_routing.py \
+        start_job run_logged "${routing}/routing.log" env OMP_NUM_THREADS=${threads} ${python} local/hdmole_routing.py \
             --config "${exp}/${run}/config.yaml" --model "${model}" --out_dir "${routing}" ${tests_of_run}
     done < "${runs}"
     wait_jobs
