@@ -25,7 +25,7 @@ from ssvd_peft.layers.base import ADAPTERS_ATTR
 from ssvd_peft.merging import AdapterMerge
 from ssvd_peft.merging import merge_models as merge_state_dicts
 
-DOMAINS = {"up": 1.15, "down": 0.87}
+DOMAINS = {"up": 1.25, "down": 0.78}
 ADAPT_EPOCHS = 3
 
 
@@ -36,7 +36,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for index, (domain, shift) in enumerate(DOMAINS.items()):
         write_data_dir(root / "data" / f"adapt_{domain}", 32, shift=shift, seed=10 + index)
         write_data_dir(root / "data" / f"dev_{domain}", 8, shift=shift, seed=20 + index)
-        write_data_dir(root / "data" / f"test_{domain}", 8, shift=shift, seed=30 + index)
+        write_data_dir(root / "data" / f"test_{domain}", 24, shift=shift, seed=30 + index)
     join_data_dirs(root / "data" / "dev", {domain: root / "data" / f"dev_{domain}" for domain in DOMAINS})
     join_data_dirs(root / "data" / "test", {domain: root / "data" / f"test_{domain}" for domain in DOMAINS})
     write_token_list(root / "data" / "tokens.txt")
