@@ -36,13 +36,19 @@ PROMPTS = {
     "arctic_a0001": "Author of the danger trail, Philip Steels, etc.",
     "arctic_a0002": "It's 1908 -- the twenty-first century!",
     "arctic_b0001": "Will we ever forget it.",
+    "arctic_b0300": "He was bent on a very important errand.",
 }
 EXPECTED_TEXT = {
     "arctic_a0001": "AUTHOR OF THE DANGER TRAIL PHILIP STEELS ETC",
     "arctic_a0002": "IT'S ONE THOUSAND NINE HUNDRED EIGHT THE TWENTY FIRST CENTURY",
     "arctic_b0001": "WILL WE EVER FORGET IT",
+    "arctic_b0300": "HE WAS BENT ON A VERY IMPORTANT ERRAND",
 }
-PROMPT_SET = {"adapt": "arctic_a", "dev": "arctic_b", "test": "arctic_b"}
+SPLIT_PROMPTS = {
+    "adapt": ("arctic_a0001", "arctic_a0002"),
+    "dev": ("arctic_b0001",),
+    "test": ("arctic_b0300",),
+}
 NATIVE_16K = "NJS"
 SECONDS = 0.25
 
@@ -127,7 +133,7 @@ def test_text_is_normalised_with_the_owsm_prefix_and_the_l1_as_domain(prepared: 
             f"{s}-{utt}": text
             for s in sorted(speakers)
             for utt, text in EXPECTED_TEXT.items()
-            if utt.startswith(PROMPT_SET[split])
+            if utt in SPLIT_PROMPTS[split]
             and (s, utt) not in {("ABA", "arctic_a0002"), ("SKA", "arctic_a0002")}
         }
         assert texts == expected
@@ -136,23 +142,27 @@ def test_text_is_normalised_with_the_owsm_prefix_and_the_l1_as_domain(prepared: 
         assert read_table(data / split / "utt2domain") == {u: SPEAKER_L1[u.split("-")[0]] for u in expected}
 
 
-def test_adaptation_and_test_prompts_are_disjoint(prepared: Path) -> None:
+def test_adaptation_dev_and_test_prompts_are_disjoint(prepared: Path) -> None:
     data = prepared / "data"
-    adapt = set(read_table(data / "adapt" / "text.ctc").values())
-    for split in ("dev", "test"):
-        assert adapt.isdisjoint(read_table(data / split / "text.ctc").values())
+    texts = {split: set(read_table(data / split / "text.ctc").values()) for split in SPLIT_PROMPTS}
+    assert all(texts.values())
+    assert texts["adapt"].isdisjoint(texts["dev"] | texts["test"])
+    assert texts["dev"].isdisjoint(texts["test"])
 
 
-def test_missing_empty_and_other_set_utterances_are_dropped_with_their_reason(prepared: Path) -> None:
-    speakers = {split: speakers_of(prepared / "data", split) for split in ("adapt", "test")}
+def test_missing_empty_and_other_split_utterances_are_dropped_with_their_reason(prepared: Path) -> None:
+    def other_split_prompts(split: str) -> dict[str, str]:
+        others = [utt for utt in PROMPTS if utt not in SPLIT_PROMPTS[split]]
+        speakers = speakers_of(prepared / "data", split)
+        return {f"{s}-{utt}": "other_split_prompt" for s in speakers for utt in others}
+
     assert read_table(prepared / "data" / "local" / "dropped_adapt.txt") == {
         "ABA-arctic_a0002": "no_transcript",
         "SKA-arctic_a0002": "empty",
-        **{f"{s}-arctic_b0001": "other_prompt_set" for s in speakers["adapt"]},
+        **other_split_prompts("adapt"),
     }
-    assert read_table(prepared / "data" / "local" / "dropped_test.txt") == {
-        f"{s}-{utt}": "other_prompt_set" for s in speakers["test"] for utt in ("arctic_a0001", "arctic_a0002")
-    }
+    for split in ("dev", "test"):
+        assert read_table(prepared / "data" / "local" / f"dropped_{split}.txt") == other_split_prompts(split)
 
 
 @pytest.mark.parametrize("split", ["adapt", "dev", "test"])

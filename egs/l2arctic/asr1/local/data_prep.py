@@ -9,8 +9,10 @@
 The split is speaker-disjoint and balanced over the first languages: per L1, two speakers adapt,
 one validates and one tests (SPLITS; the dev and test speakers are the L2-ARCTIC split used by
 mispronunciation-detection work). It is text-disjoint too: every speaker reads the same CMU ARCTIC
-prompts, so adaptation uses the prompts of set A (arctic_a*) and dev and test those of set B
-(arctic_b*); a recording of the other set is left out (``other_prompt_set``) and never resampled.
+prompts, so each split reads its own (PROMPTS): adaptation set A (arctic_a0001-a0593), dev the
+first half of set B (arctic_b0001-b0269), test the second half (arctic_b0270-b0539), so that neither
+training nor the checkpoint choice on dev sees a test sentence; a recording of another split's
+prompts is left out (``other_split_prompt``) and never resampled.
 Utterance ids are ``<SPEAKER>-<utt>``. OWSM reads 16 kHz audio,
 so every recording at another rate is resampled once (polyphase filter, scipy.signal.resample_poly)
 into --audio_dir as 16-bit FLAC, and wav.scp points at the copy; a recording already at 16 kHz is
@@ -44,7 +46,11 @@ SPEAKERS = {  # speaker: (first language, gender), from the L2-ARCTIC v5 README
     "HQTV": ("vietnamese", "M"), "PNV": ("vietnamese", "F"),
     "THV": ("vietnamese", "F"), "TLV": ("vietnamese", "M"),
 }  # fmt: skip
-PROMPT_SETS = {"adapt": "arctic_a", "dev": "arctic_b", "test": "arctic_b"}
+PROMPTS = {  # split: (prompt set, first and last prompt number)
+    "adapt": ("arctic_a", 1, 593),
+    "dev": ("arctic_b", 1, 269),
+    "test": ("arctic_b", 270, 539),
+}
 SPLITS = {
     "adapt": ("ABA", "SKA", "BWC", "LXC", "ASI", "RRBI", "HJK", "HKK", "EBVS", "ERMS", "HQTV", "PNV"),
     "dev": ("YBAA", "NCC", "SVBI", "YDCK", "MBMPS", "THV"),
@@ -92,10 +98,17 @@ def audio_entry(wav: Path, audio_dir: Path) -> tuple[str, int]:
     return str(target.resolve()), soundfile.info(str(target)).frames
 
 
+def reads_prompts(stem: str, prompts: tuple[str, int, int]) -> bool:
+    """Whether the recording ``stem`` (such as arctic_b0123) reads one of ``prompts``."""
+    prompt_set, first, last = prompts
+    number = stem.removeprefix(prompt_set)
+    return number != stem and number.isdigit() and first <= int(number) <= last
+
+
 def prepare_speaker(
-    corpus_dir: Path, audio_dir: Path, speaker: str, prompt_set: str
+    corpus_dir: Path, audio_dir: Path, speaker: str, prompts: tuple[str, int, int]
 ) -> tuple[list[Utterance], list[Dropped]]:
-    """The speaker's utterances of ``prompt_set`` (a prefix such as arctic_a) and the dropped ones."""
+    """The speaker's utterances of ``prompts`` (a value of PROMPTS) and the dropped ones."""
     wavs = sorted((corpus_dir / speaker / "wav").glob("*.wav"))
     if not wavs:
         raise CorpusError(f"no .wav files in {corpus_dir / speaker / 'wav'}")
@@ -103,8 +116,8 @@ def prepare_speaker(
     dropped: list[Dropped] = []
     for wav in wavs:
         utt_id = f"{speaker}-{wav.stem}"
-        if not wav.stem.startswith(prompt_set):
-            dropped.append(Dropped(utt_id, "other_prompt_set"))
+        if not reads_prompts(wav.stem, prompts):
+            dropped.append(Dropped(utt_id, "other_split_prompt"))
             continue
         text, reason = read_transcript(corpus_dir / speaker / "transcript" / f"{wav.stem}.txt")
         if reason:
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_corpus(args.corpus_dir)
-        prompt_sets = {s: PROMPT_SETS[split] for split, speakers in SPLITS.items() for s in speakers}
+        prompt_sets = {s: PROMPTS[split] for split, speakers in SPLITS.items() for s in speakers}
         with ProcessPoolExecutor(max_workers=max(args.nj, 1)) as pool:
             jobs = {
                 s: pool.submit(prepare_speaker, args.corpus_dir, args.audio_dir, s, p)
