@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import yaml
 from autograd_memory import saved_for_backward_bytes
-from owsm_shapes import build_config
+from owsm_shapes import build_config, s2t_batch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_BASE = REPO / "egs" / "synth_domains" / "asr1" / "pretrained" / "full"
@@ -135,30 +135,15 @@ def recipe_bench(work: Path, quick: bool) -> Bench:
 def owsm_bench(work: Path, quick: bool) -> Bench:
     from espnet_plugins.tasks.s2t import PeftS2TTask
 
-    config = build_config(work, quick)
+    config = build_config(work, "quick" if quick else "0.1b")
     config["peft_pretrained"] = str(
         save_random_base(PeftS2TTask, config, work / ("owsm_quick" if quick else "owsm"))
     )
-    tokens = {token: index for index, token in enumerate(config["token_list"])}
-    prefix = [tokens["<eng>"], tokens["<asr>"], tokens["<notimestamps>"]]
-    vocabulary = len(tokens)
     utterances, seconds = (2, 1.0) if quick else (4, 8.0)
     words = 4 if quick else 30
 
     def batch(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        samples = int(seconds * 16000)
-        body = torch.randint(10, vocabulary - 2, (utterances, words), generator=generator)
-        text = torch.cat([torch.tensor([prefix] * utterances), body], dim=1)
-        return {
-            "speech": 0.1 * torch.randn(utterances, samples, generator=generator),
-            "speech_lengths": torch.full((utterances,), samples),
-            "text": text,
-            "text_lengths": torch.full((utterances,), text.shape[1]),
-            "text_prev": torch.full((utterances, 1), tokens["<na>"]),
-            "text_prev_lengths": torch.ones(utterances, dtype=torch.long),
-            "text_ctc": body,
-            "text_ctc_lengths": torch.full((utterances,), words),
-        }
+        return s2t_batch(config["token_list"], utterances, seconds, words, generator)
 
     return Bench("owsm", PeftS2TTask, config, batch)
 

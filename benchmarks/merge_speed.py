@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 from owsm_shapes import build_config
+from process_memory import MB, memory_status_mb, reset_peak
 
-MB = 2.0**20
 RSS_TARGET = 2.5
 TIME_TARGET = 1.2
 
@@ -53,7 +53,7 @@ def write_models(work: Path, count: int, quick: bool) -> tuple[Path, list[Path]]
     if base_path.is_file() and all(path.is_file() for path in tuned):
         return base_path, tuned
     torch.manual_seed(0)
-    model = S2TTask.build_model(argparse.Namespace(**build_config(work, quick)))
+    model = S2TTask.build_model(argparse.Namespace(**build_config(work, "quick" if quick else "0.1b")))
     state = model.state_dict()
     torch.save(state, base_path)
     values = sum(v.numel() for v in state.values()) / 1e6
@@ -72,21 +72,13 @@ def write_models(work: Path, count: int, quick: bool) -> tuple[Path, list[Path]]
     return base_path, tuned
 
 
-def memory_status_mb(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since the last reset) of this process."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024 / MB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def worker(job: dict[str, Any]) -> dict[str, float]:
     """One merge in this process: {"seconds", "peak_mb", "floor_mb"}: the peak resident memory
     while merging (the kernel's high-water mark, reset after the imports) and the resident memory
     before the first model is opened."""
     from ssvd_peft.merging.engine import ModelMerge
 
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    reset_peak()
     floor = memory_status_mb("VmRSS")
     start = time.perf_counter()
     if job["mode"] == "stream":

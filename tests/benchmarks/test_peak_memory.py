@@ -1,0 +1,58 @@
+"""The peak-memory benchmark builds each system as ``s2t_train`` does, adapters train the same under
+ESPnet's activation checkpointing, and a quick run prints its table; the memory and timings
+themselves are the script's output, not asserted here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchmark_scripts import load_benchmark
+
+from ssvd_peft.layers.base import ADAPTERS_ATTR
+
+pytest.importorskip("espnet2")
+
+bench = load_benchmark("peak_memory")
+
+
+def job(tmp_path, method: str, checkpointing: bool) -> object:
+    return bench.Job("quick", method, checkpointing, 1, str(tmp_path))
+
+
+def test_checkpointing_covers_the_subsampling_and_every_block(tmp_path):
+    from owsm_shapes import build_config
+
+    config = bench.system_config(build_config(tmp_path, "quick"), job(tmp_path, "lora", True))
+    assert config["encoder_conf"]["gradient_checkpoint_layers"] == [0, 1, 2]
+    assert config["decoder_conf"]["gradient_checkpoint_layers"] == [1, 2]
+    assert config["peft"] == "lora" and config["peft_conf"]["rank"] == 32
+
+
+@pytest.mark.parametrize("method", ["lora", "ssvd_o"])
+def test_adapters_get_the_same_gradients_with_activation_checkpointing(tmp_path, method):
+    from owsm_shapes import s2t_batch
+
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same adapter initialisation and dropout masks
+        model, token_list = bench.build_system(job(tmp_path, method, checkpointing))
+        batch = s2t_batch(token_list, 1, bench.SECONDS, bench.WORDS, torch.Generator().manual_seed(0))
+        loss, _, _ = model(**batch)
+        loss.backward()
+        trained = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(grad is not None for grad in trained.values())
+        assert any(grad.abs().sum() > 0 for grad in trained.values())
+        assert all(f".{ADAPTERS_ATTR}." in name for name in trained)
+        gradients.append(trained)
+    without, with_checkpointing = gradients
+    assert without.keys() == with_checkpointing.keys()
+    for name, grad in without.items():
+        torch.testing.assert_close(with_checkpointing[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_quick_run_prints_a_row_per_method_and_setting(tmp_path, capsys):
+    bench.main(["--quick", "--methods", "full", "lora", "--work-dir", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quick")]
+    settings = [(row[1], row[2]) for row in rows]
+    assert settings == [("off", "full"), ("off", "lora"), ("on", "full"), ("on", "lora")]
+    assert all(float(row[5]) > 0 and float(row[7]) > 0 and float(row[8]) > 0 for row in rows)
