@@ -24,9 +24,11 @@ import soundfile
 import torch
 import yaml
 from espnet2.tasks.s2t import S2TTask
-from owsm import finetune_config
+from owsm import equal_budget, finetune_config
 
+from espnet_plugins.modules import build_meta_model
 from espnet_plugins.tasks.s2t import PeftS2TTask
+from ssvd_peft.budget import estimate_budget
 from ssvd_peft.inject import iter_adapter_layers
 
 EGS = Path(__file__).resolve().parents[2] / "egs"
@@ -219,6 +221,54 @@ def test_a_peft_file_with_training_options_is_refused(tmp_path: Path) -> None:
     assert "rank must be a positive integer" in result.stderr
 
 
+def budget_rows(out_dir: Path) -> dict[str, dict[str, str]]:
+    with (out_dir / "budget.csv").open() as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+def test_every_method_gets_the_rank_or_k_closest_to_the_reference_blocks_budget(
+    prepared_owsm: Path, tmp_path: Path
+) -> None:
+    model = build_meta_model(prepared_owsm / "config.yaml", "s2t")
+    reference = finetune_config.load_mapping(PEFT_CONF / "ssvd_o.yaml")
+    budget = estimate_budget(model, "ssvd_o", **reference["peft_conf"]).trainable
+    out = tmp_path / "peft"
+    equal_budget.write_blocks(prepared_owsm / "config.yaml", PEFT_CONF, list(METHODS), "ssvd_o", out)
+    rows = budget_rows(out)
+    assert rows["ssvd_o"] == {
+        "method": "ssvd_o", "knob": "k_ratio", "value": "0.4", "trainable": str(budget),
+        "budget": str(budget),
+    }  # fmt: skip
+    assert yaml.safe_load((out / "ssvd_o.yaml").read_text()) == reference
+    for method in ("lora", "dora", "pissa", "ssvd"):
+        block = yaml.safe_load((out / f"{method}.yaml").read_text())
+        written = finetune_config.load_mapping(PEFT_CONF / f"{method}.yaml")["peft_conf"]
+        knob = "rank" if method in ("lora", "dora", "pissa") else "k"
+        value = block["peft_conf"][knob]
+        assert {key: v for key, v in block["peft_conf"].items() if key != knob} == {
+            key: v for key, v in written.items() if key not in (knob, "k_ratio")
+        }
+
+        def count(knob_value: int, method: str = method, block: dict = block, knob: str = knob) -> int:
+            return estimate_budget(model, method, **{**block["peft_conf"], knob: knob_value}).trainable
+
+        assert int(rows[method]["trainable"]) == count(value) and rows[method]["value"] == str(value)
+        closest = abs(count(value) - budget)
+        assert all(closest <= abs(count(other) - budget) for other in (value - 1, value + 1) if other > 0)
+
+
+def test_an_unreachable_budget_is_refused_and_nothing_is_written(prepared_owsm: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "owsm.equal_budget", "--config", str(prepared_owsm / "config.yaml")]
+    command += ["--peft_conf_dir", str(PEFT_CONF), "--methods", "lora ssvd", "--budget", "1000000000"]
+    result = run([*command, "--out_dir", str(tmp_path / "peft")])
+    assert result.returncode == 1
+    assert "lora: " in result.stderr and "out of reach" in result.stderr
+    assert not (tmp_path / "peft").exists()
+    result = run([*command[:-1], "nosuchmethod", "--out_dir", str(tmp_path / "peft")])
+    assert result.returncode == 1
+    assert "no peft block" in result.stderr and "nosuchmethod.yaml" in result.stderr
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_peft_block_adapts_every_linear_layer_of_encoder_and_decoder(
     method: str, prepared_owsm: Path, tmp_path: Path
@@ -279,6 +329,8 @@ def write_scoring_inputs(root: Path) -> tuple[Path, Path]:
         (exp / "decode" / name / test_set / "text").write_text(text)
     (exp / "lora").mkdir()
     (exp / "lora" / "peft_budget.json").write_text(json.dumps({"trainable": 1234, "model_parameters": 5678}))
+    (exp / "peft").mkdir()
+    (exp / "peft" / "budget.csv").write_text("method,knob,value,trainable,budget\nlora,rank,7,1234,1300\n")
     return data, exp
 
 
@@ -293,14 +345,19 @@ def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_
     with (exp / "results.csv").open() as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
     assert rows["base"] == {
-        "model": "base", "trainable": "0", "test WER": "14.29", "test arabic": "0.0", "test korean": "25.0",
-        "source WER": "0.0", "forgetting": "0.0",
+        "model": "base", "trainable": "0", "rank or k": "-", "test WER": "14.29", "test arabic": "0.0",
+        "test korean": "25.0", "source WER": "0.0", "forgetting": "0.0",
     }  # fmt: skip
     assert rows["lora"] == {
-        "model": "lora", "trainable": "1,234", "test WER": "42.86", "test arabic": "33.33",
-        "test korean": "50.0", "source WER": "50.0", "forgetting": "50.0",
+        "model": "lora", "trainable": "1,234", "rank or k": "rank 7", "test WER": "42.86",
+        "test arabic": "33.33", "test korean": "50.0", "source WER": "50.0", "forgetting": "50.0",
     }  # fmt: skip
-    assert (exp / "results.md").read_text().splitlines()[0].startswith("| model | trainable | test WER |")
+    assert (
+        (exp / "results.md")
+        .read_text()
+        .splitlines()[0]
+        .startswith("| model | trainable | rank or k | test WER |")
+    )
 
 
 def test_scoring_names_the_missing_decoding(tmp_path: Path) -> None:
@@ -344,10 +401,11 @@ def write_myst_corpus(root: Path) -> None:
 
 
 def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: Path, tmp_path: Path) -> None:
-    """All five stages of egs/myst/asr1 on CPU with the tiny model (one method, a few steps)."""
+    """All five stages of egs/myst/asr1 on CPU with the tiny model (full fine-tuning, LoRA at SSVD-O's
+    budget and SSVD-O; a few steps each)."""
     write_myst_corpus(tmp_path / "corpus")
     command = [str(EGS / "myst" / "asr1" / "run.sh"), "--corpus_dir", str(tmp_path / "corpus")]
-    command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "ssvd_o"]
+    command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "full lora ssvd_o"]
     command += ["--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--python", sys.executable]
     command += [
         "--ngpu",
@@ -370,17 +428,36 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
     assert (exp / "ssvd_o" / "valid.acc.ave.pth").stat().st_size < 0.25 * (
         exp / "owsm" / "model.pth"
     ).stat().st_size
+    full_config = yaml.safe_load((exp / "full" / "config.yaml").read_text())
+    assert "peft" not in full_config and full_config["init_param"] == [str(exp / "owsm" / "model.pth")]
+    assert full_config["optim_conf"] == {"lr": 1e-5, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0}
+    base_state = torch.load(exp / "owsm" / "model.pth", weights_only=True)
+    full_state = torch.load(exp / "full" / "valid.acc.ave.pth", weights_only=True)
+    assert full_state.keys() == base_state.keys()
+    assert not torch.equal(full_state["encoder.encoders.0.feed_forward.w_1.weight"], base_state[
+        "encoder.encoders.0.feed_forward.w_1.weight"
+    ])  # fmt: skip
     test_utts = set(read_keys(tmp_path / "data" / "test" / "text"))
-    for name in ("base", "ssvd_o"):
+    for name in ("base", "full", "lora", "ssvd_o"):
         assert set(read_keys(exp / "decode" / name / "test" / "text")) == test_utts
+    budget = budget_rows(exp / "peft")
     with (exp / "results.csv").open() as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"base", "ssvd_o"} and rows["base"]["trainable"] == "0"
-    assert int(rows["ssvd_o"]["trainable"].replace(",", "")) > 0
+    assert set(rows) == {"base", "full", "lora", "ssvd_o"} and rows["base"]["trainable"] == "0"
+    owsm_config = yaml.safe_load((exp / "owsm" / "config.yaml").read_text())
+    owsm_model = S2TTask.build_model(argparse.Namespace(**owsm_config))
+    assert rows["full"]["trainable"] == f"{sum(p.numel() for p in owsm_model.parameters()):,}"
+    for method in ("lora", "ssvd_o"):
+        assert rows[method]["trainable"].replace(",", "") == budget[method]["trainable"]
+    assert rows["lora"]["rank or k"] == f"rank {budget['lora']['value']}"
+    assert (
+        rows["ssvd_o"]["rank or k"] == "k_ratio 0.4"
+        and budget["lora"]["budget"] == budget["ssvd_o"]["trainable"]
+    )
 
     again = run([*command, "--stage", "3"], env_threads=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "ssvd_o done" in again.stdout and again.stdout.count("decoded, skipped") == 2
+    assert again.stdout.count(" done (") == 3 and again.stdout.count("decoded, skipped") == 4
 
 
 def read_keys(path: Path) -> list[str]:

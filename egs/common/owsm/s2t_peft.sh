@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Parameter-efficient fine-tuning of a pretrained OWSM model on one corpus, one run per PEFT method.
+# Fine-tuning of a pretrained OWSM model on one corpus, one run per method: full fine-tuning and each
+# PEFT method, every PEFT method at one budget of trainable parameters.
 # Shared by the recipes egs/myst/asr1 and egs/l2arctic/asr1: each one's run.sh runs it from the
 # recipe's directory (its path.sh, local/data_prep.py and conf/tuning/) and names its data sets.
 # The peft blocks (conf/peft/<method>.yaml) and decoding options are this folder's, unless given.
 #   stage 1  data prep   the corpus -> ${data}/<set>/ (Kaldi-style, OWSM text prefix)    local/data_prep.py
 #   stage 2  OWSM model  its config with absolute paths, token list, model link -> ${exp}/owsm/
 #   stage 3  fine-tune   each method on ${train_set}, ${valid_set} validates          -> ${exp}/<method>/
+#                        (PEFT blocks at --budget: ${exp}/peft/<method>.yaml, ${exp}/peft/budget.csv;
+#                        full: stock espnet2.bin.s2t_train --init_param, options + --full_conf)
 #   stage 4  decode      the base model (zero-shot) and each method on ${test_sets} (and --source_test)
 #                        -> ${exp}/decode/<base|method>/<set>/text
 #   stage 5  score       WER per model and test set (per domain; forgetting on source) -> ${exp}/results.{md,csv}
@@ -17,8 +20,11 @@ stop_stage=5
 corpus_dir=""        # stage 1: the corpus root
 owsm_dir=""          # stage 2: the downloaded OWSM model directory
 model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf or owsm_v3.1_ebf_base
-methods="lora dora pissa ssvd ssvd_o"   # ${peft_conf_dir}/<method>.yaml each
+methods="full lora dora pissa ssvd ssvd_o"   # full, and ${peft_conf_dir}/<method>.yaml each
 peft_conf_dir=""     # default: egs/common/owsm/conf/peft
+budget=ssvd_o        # one budget for every PEFT method (owsm/equal_budget.py): what this method's block
+                     # trains as written, a number of trainable parameters, or none (blocks as written)
+full_conf=""         # full fine-tuning's own options; default: egs/common/owsm/conf/full.yaml
 decode_config=""     # default: egs/common/owsm/conf/decode.yaml
 ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1)
 inference_ngpu=1     # GPUs per decoding job
@@ -37,7 +43,8 @@ python=""            # default: the project's .venv (path.sh)
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
-          [--methods "lora dora pissa ssvd ssvd_o"] [--ngpu N] [--inference_ngpu N] [--inference_nj N]
+          [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
+          [--ngpu N] [--inference_ngpu N] [--inference_nj N]
           [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
           [--peft_conf_dir DIR] [--decode_config FILE] [--data D] [--exp E] [--python P]'
 
@@ -45,14 +52,19 @@ help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1
 . "${COMMON_ROOT}/parse_options.sh"
 peft_conf_dir=${peft_conf_dir:-${COMMON_ROOT}/owsm/conf/peft}
 decode_config=${decode_config:-${COMMON_ROOT}/owsm/conf/decode.yaml}
+full_conf=${full_conf:-${COMMON_ROOT}/owsm/conf/full.yaml}
 exp=${exp:-exp/${model}}
 owsm=${exp}/owsm
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
     || die "--train_set, --valid_set and --test_sets are set by the recipe's run.sh"
 [ -f "conf/tuning/${model}.yaml" ] || die "no training options conf/tuning/${model}.yaml for --model ${model}"
+peft_methods=""
 for method in ${methods}; do
+    [ "${method}" = full ] && continue
     [ -f "${peft_conf_dir}/${method}.yaml" ] || die "no peft block ${peft_conf_dir}/${method}.yaml for method ${method}"
+    peft_methods+="${method} "
 done
+[ -f "${full_conf}" ] || die "no full fine-tuning options ${full_conf} (--full_conf)"
 
 # s2t_data_args PREFIX DATA_DIR: ESPnet's S2T inputs (speech, target, prompt, CTC target) and shape file.
 s2t_data_args() {
@@ -90,17 +102,28 @@ fi
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     distributed=""
     [ "${ngpu}" -le 1 ] || distributed="--multiprocessing_distributed true"
+    if [ -n "${peft_methods}" ]; then
+        log "Stage 3: PEFT blocks at budget ${budget} -> ${exp}/peft/budget.csv"
+        ${python} -m owsm.equal_budget --config "${owsm}/config.yaml" --peft_conf_dir "${peft_conf_dir}" \
+            --methods "${peft_methods}" --budget "${budget}" --out_dir "${exp}/peft"
+    fi
     for method in ${methods}; do
         dir=${exp}/${method}
         if [ -e "${dir}/valid.acc.ave.pth" ]; then
             log "Stage 3: ${method} done (${dir}/valid.acc.ave.pth), skipped"
             continue
         fi
-        ${python} -m owsm.finetune_config --tuning "conf/tuning/${model}.yaml" \
-            --peft "${peft_conf_dir}/${method}.yaml" --out "${exp}/conf/${method}.yaml"
         log "Stage 3: fine-tune ${method} on ${data}/${train_set} -> ${dir} (log ${dir}/train.log)"
-        run_logged "${dir}/train.log" ${python} -m espnet_plugins.bin.s2t_train \
-            --config "${exp}/conf/${method}.yaml" --peft_pretrained "${owsm}/model.pth" \
+        if [ "${method}" = full ]; then
+            ${python} -m owsm.finetune_config --tuning "conf/tuning/${model}.yaml" \
+                --full_from "${owsm}/config.yaml" --full_conf "${full_conf}" --out "${exp}/conf/full.yaml"
+            trainer="espnet2.bin.s2t_train --init_param ${owsm}/model.pth"
+        else
+            ${python} -m owsm.finetune_config --tuning "conf/tuning/${model}.yaml" \
+                --peft "${exp}/peft/${method}.yaml" --out "${exp}/conf/${method}.yaml"
+            trainer="espnet_plugins.bin.s2t_train --peft_pretrained ${owsm}/model.pth"
+        fi
+        run_logged "${dir}/train.log" ${python} -m ${trainer} --config "${exp}/conf/${method}.yaml" \
             --output_dir "${dir}" --ngpu "${ngpu}" ${distributed} --resume true \
             $(s2t_data_args train "${data}/${train_set}") $(s2t_data_args valid "${data}/${valid_set}") \
             ${train_args}
@@ -153,8 +176,9 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     decode base espnet2.bin.s2t_inference "${owsm}/config.yaml" "${owsm}/model.pth"
     for method in ${methods}; do
         [ -e "${exp}/${method}/valid.acc.ave.pth" ] || die "no ${exp}/${method}/valid.acc.ave.pth: run stage 3"
-        decode "${method}" espnet_plugins.bin.s2t_inference "${exp}/${method}/config.yaml" \
-            "${exp}/${method}/valid.acc.ave.pth"
+        module=espnet_plugins.bin.s2t_inference
+        [ "${method}" != full ] || module=espnet2.bin.s2t_inference
+        decode "${method}" "${module}" "${exp}/${method}/config.yaml" "${exp}/${method}/valid.acc.ave.pth"
     done
 fi
 

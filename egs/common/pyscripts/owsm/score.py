@@ -10,7 +10,9 @@ count. A test set whose ``utt2domain`` holds more than one domain (L2-ARCTIC: th
 languages) also gets one WER per domain. With a
 set named ``source`` (speech of the kind the base model was trained on), ``forgetting`` is the
 source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.json``
-of each run. Writes ``<exp>/results.md`` and ``<exp>/results.csv``.
+of each PEFT run (full fine-tuning: every parameter of the model its config.yaml builds), the rank
+or k of each PEFT run from ``<exp>/peft/budget.csv`` (stage 3). Writes ``<exp>/results.md`` and
+``<exp>/results.csv``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from kaldi_files import read_table
 from scoring import error_rates
 
@@ -58,16 +61,35 @@ def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
 
 
 def trainable_parameters(run_dir: Path) -> str:
-    """What the run trained, from the plugin's peft_budget.json ("?" without one)."""
+    """What the run trained: the plugin's peft_budget.json, or every parameter of a full fine-tune
+    (a config.yaml without a peft block); "?" without either."""
     budget = run_dir / "peft_budget.json"
-    return f"{json.loads(budget.read_text())['trainable']:,}" if budget.is_file() else "?"
+    if budget.is_file():
+        return f"{json.loads(budget.read_text())['trainable']:,}"
+    config = run_dir / "config.yaml"
+    if config.is_file() and "peft" not in yaml.safe_load(config.read_text()):
+        from espnet_plugins.modules import build_meta_model
+
+        return f"{sum(p.numel() for p in build_meta_model(config, 's2t').parameters()):,}"
+    return "?"
+
+
+def knob_settings(exp: Path) -> dict[str, str]:
+    """Each PEFT run's rank or k as stage 3 set it ("rank 7", "k 51"; "k_ratio" for a block kept as
+    written), from ``<exp>/peft/budget.csv``."""
+    path = exp / "peft" / "budget.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        return {row["method"]: f"{row['knob']} {row['value']}" for row in csv.DictReader(f)}
 
 
 def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
+    knobs = knob_settings(exp)
     for name in names:
         trainable = "0" if name == BASE else trainable_parameters(exp / name)
-        row: dict[str, object] = {"model": name, "trainable": trainable}
+        row: dict[str, object] = {"model": name, "trainable": trainable, "rank or k": knobs.get(name, "-")}
         for set_name, data_dir in sets.items():
             refs = references(data_dir)
             hyp_file = exp / "decode" / name / set_name / "text"

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Stage 3 set-up: every method's peft block at one budget of trainable parameters on the OWSM model.
+
+    --budget N        every method's rank or k chosen for N trainable parameters
+    --budget METHOD   N = what METHOD's block trains as written (that block stays as written)
+    --budget none     every block as written (no matching)
+
+For each method of --methods, ``<peft_conf_dir>/<method>.yaml`` with its knob (rank for LoRA, DoRA
+and PiSSA; k, one value on every layer, for SSVD and SSVD-O; it replaces k_ratio) set to the value
+whose trainable count on the model is closest to N (``ssvd_peft.budget.equal_budget_configs``; the
+model is built on the meta device from the OWSM config, so nothing is loaded). Every other option,
+alpha included, stays as the block writes it. A budget that no value of a method's knob comes within
+one step of is refused, with the closest count. Writes ``<out_dir>/<method>.yaml`` and
+``<out_dir>/budget.csv`` (method, knob, value, trainable, budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from espnet_plugins.modules import build_meta_model
+from ssvd_peft.budget import equal_budget_configs, estimate_budget
+from ssvd_peft.config import PeftConfigError
+from ssvd_peft.registry import get_method
+
+# The options a matched knob replaces (SSVD's k_ratio sizes k when k is not given).
+KNOB_ALIASES = {"k": ("k_ratio",)}
+COLUMNS = ("method", "knob", "value", "trainable", "budget")
+
+
+class BudgetError(Exception):
+    """A budget or peft block that cannot be matched; the message says what to change."""
+
+
+def read_block(peft_conf_dir: Path, method: str) -> dict[str, Any]:
+    path = peft_conf_dir / f"{method}.yaml"
+    if not path.is_file():
+        raise BudgetError(f"no peft block {path} for method {method}")
+    block = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(block, dict) or "peft" not in block:
+        raise BudgetError(f"{path} must hold a peft block (peft: <method>, peft_conf: ...)")
+    return block
+
+
+def budget_of(model: Any, spec: str, peft_conf_dir: Path) -> tuple[int, str]:
+    """(N, the reference method or "") of --budget ``spec``: a count or a method's block as written."""
+    if spec.isdigit():
+        if int(spec) <= 0:
+            raise BudgetError(f"--budget {spec}: give a positive number of trainable parameters")
+        return int(spec), ""
+    block = read_block(peft_conf_dir, spec)
+    try:
+        return estimate_budget(model, block["peft"], **(block.get("peft_conf") or {})).trainable, spec
+    except (PeftConfigError, TypeError) as error:
+        raise BudgetError(f"--budget {spec}: {peft_conf_dir / f'{spec}.yaml'}: {error}") from None
+
+
+def matched_block(model: Any, block: dict[str, Any], budget: int, name: str) -> tuple[dict[str, Any], dict]:
+    """``block`` with its method's knob at the value closest to ``budget``, and its budget.csv row."""
+    method = block["peft"]
+    knob = get_method(method).knob
+    options = dict(block.get("peft_conf") or {})
+    for key in (knob, *KNOB_ALIASES.get(knob, ())):
+        options.pop(key, None)
+    try:
+        match = equal_budget_configs(model, budget, {method: options}, strict=True)[method]
+    except PeftConfigError as error:
+        raise BudgetError(f"{name}: {error}") from None
+    peft_conf = {**options, knob: match.value}
+    row = {"method": name, "knob": knob, "value": match.value, "trainable": match.trainable, "budget": budget}
+    return {**block, "peft_conf": peft_conf}, row
+
+
+def as_written_row(model: Any, block: dict[str, Any], name: str, budget: int) -> dict[str, Any]:
+    """The budget.csv row of a block kept as written: its knob, or the option that sizes it instead
+    (SSVD's k_ratio), and its value ("-" when the block leaves it at the default)."""
+    options = block.get("peft_conf") or {}
+    knob = get_method(block["peft"]).knob
+    written = [key for key in (knob, *KNOB_ALIASES.get(knob, ())) if key in options]
+    knob = written[0] if written else knob
+    trainable = estimate_budget(model, block["peft"], **options).trainable
+    return {"method": name, "knob": knob, "value": options.get(knob, "-"), "trainable": trainable,
+            "budget": budget or "-"}  # fmt: skip
+
+
+def write_blocks(
+    config: Path, peft_conf_dir: Path, methods: list[str], spec: str, out_dir: Path
+) -> list[dict[str, Any]]:
+    """Write every method's block (matched, or as written) into ``out_dir``; the budget.csv rows."""
+    model = build_meta_model(config, "s2t")
+    budget, reference = (0, "") if spec == "none" else budget_of(model, spec, peft_conf_dir)
+    blocks, rows = {}, []
+    for method in methods:
+        block = read_block(peft_conf_dir, method)
+        if spec == "none" or method == reference:
+            row = as_written_row(model, block, method, budget)
+        else:
+            block, row = matched_block(model, block, budget, method)
+        blocks[method] = block
+        rows.append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for method, block in blocks.items():
+        (out_dir / f"{method}.yaml").write_text(yaml.safe_dump(block, sort_keys=False), encoding="utf-8")
+    with (out_dir / "budget.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="the OWSM model's config.yaml (stage 2)")
+    parser.add_argument("--peft_conf_dir", type=Path, required=True, help="the peft blocks, <method>.yaml")
+    parser.add_argument("--methods", required=True, help="space-separated methods")
+    parser.add_argument("--budget", required=True, help="a number, a method of --peft_conf_dir, or none")
+    parser.add_argument("--out_dir", type=Path, required=True, help="output: <method>.yaml, budget.csv")
+    args = parser.parse_args(argv)
+    try:
+        rows = write_blocks(args.config, args.peft_conf_dir, args.methods.split(), args.budget, args.out_dir)
+    except BudgetError as error:
+        print(f"equal_budget.py: error: {error}", file=sys.stderr)
+        return 1
+    for row in rows:
+        print(f"{row['method']:<8} {row['knob']} = {row['value']:<6} trainable {row['trainable']:>12,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
