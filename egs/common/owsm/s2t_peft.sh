@@ -19,7 +19,7 @@ stage=1
 stop_stage=5
 corpus_dir=""        # stage 1: the corpus root
 owsm_dir=""          # stage 2: the downloaded OWSM model directory
-model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf or owsm_v3.1_ebf_base
+model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf, _small or _base
 methods="full lora dora pissa ssvd ssvd_o"   # full, and ${peft_conf_dir}/<method>.yaml each
 peft_conf_dir=""     # default: egs/common/owsm/conf/peft
 budget=ssvd_o        # one budget for every PEFT method (owsm/equal_budget.py): what this method's block
@@ -42,7 +42,7 @@ python=""            # default: the project's .venv (path.sh)
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
-help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
+help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_small|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
           [--ngpu N] [--inference_ngpu N] [--inference_nj N]
           [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
