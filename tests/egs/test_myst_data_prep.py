@@ -217,3 +217,37 @@ def test_run_sh_refuses_unknown_options_and_a_missing_corpus_dir(tmp_path: Path)
     no_corpus = run([str(RECIPE / "run.sh"), "--stop_stage", "1", "--data", str(tmp_path / "data")])
     assert no_corpus.returncode == 1
     assert "stage 1 needs --corpus_dir" in no_corpus.stderr
+
+
+def test_espnets_test_filter_list_selects_its_utterances_of_test(prepared, tmp_path: Path) -> None:
+    """``--test_filter_list`` (ESPnet's conf/file_list/test.list names utterances by file stem)."""
+    data, _ = prepared
+    kept_name = "myst_003001_2014-01-01_10-00-00_ME_1.1_001"
+    listed = tmp_path / "test.list"
+    listed.write_text(f"{kept_name}\nmyst_009999_2014-01-01_10-00-00_ME_1.1_007\n")
+    corpus = data.parent / "corpus"
+    out = tmp_path / "data"
+    result = run([sys.executable, str(RECIPE / "local" / "data_prep.py"), "--corpus_dir", str(corpus),
+                  "--data_dir", str(out), "--test_filter_list", str(listed)])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "test_filter: 1 utterances of the 2 listed (1 not in test" in result.stdout
+    test = read_table(out / "test" / "text.ctc")
+    assert len(test) == 2
+    kept_utt = f"003001-{kept_name}"
+    assert read_table(out / "test_filter" / "text.ctc") == {kept_utt: test[kept_utt]}
+    assert read_table(out / "test_filter" / "wav.scp") == {
+        utt: path for utt, path in read_table(out / "test" / "wav.scp").items() if utt.endswith(kept_name)
+    }
+    missing = (out / "local" / "test_filter_missing.txt").read_text()
+    assert missing == "myst_009999_2014-01-01_10-00-00_ME_1.1_007\n"
+
+
+def test_a_missing_test_filter_list_is_named_before_anything_is_written(prepared, tmp_path: Path) -> None:
+    data, _ = prepared
+    result = run([sys.executable, str(RECIPE / "local" / "data_prep.py"), "--corpus_dir",
+                  str(data.parent / "corpus"), "--data_dir", str(tmp_path / "out"), "--test_filter_list",
+                  str(tmp_path / "test.list")])  # fmt: skip
+    assert result.returncode == 1
+    assert f"--test_filter_list {tmp_path / 'test.list'} does not exist" in result.stderr
+    assert "egs2/myst/asr1/conf/file_list/test.list" in result.stderr
+    assert not (tmp_path / "out").exists()

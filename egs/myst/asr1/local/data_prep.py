@@ -5,6 +5,9 @@
     (or the LDC layout <corpus_dir>/myst_child_conv_speech/data/...)
       -> <data_dir>/{train,dev,test}/   (files: see egs/common/pyscripts/owsm/data_dir.py; domain "child")
          <data_dir>/local/dropped_<split>.txt   (utt reason)
+      with --test_filter_list (ESPnet's egs2/myst/asr1/conf/file_list/test.list):
+         <data_dir>/test_filter/                the test utterances the list names
+         <data_dir>/local/test_filter_missing.txt   listed utterances that test does not hold
 
 The speaker is the student (MyST's partitions are speaker-disjoint); utterance ids are
 ``<student_id>-<utt>``. A flac without a .trn (MyST transcribed 45 % of its utterances) is not
@@ -19,6 +22,13 @@ spans ``(( ))`` with or without a guessed word, every other parenthesised note s
 tags ``<breath>`` ``<noise>`` ``<side_speech>`` ... and ``[...]`` ``{...}``, and word fragments:
 a token that starts or ends with ``+``, ``~`` or ``-`` (``+um``, ``wh~``, ``mag-``). As in
 ESPnet's MyST recipe (egs2/myst/asr1), transcripts become upper case without punctuation.
+
+ESPnet's published MyST numbers are on ``test_filter``: the test utterances of its list
+``conf/file_list/test.list`` (chosen by a Whisper decoding: WER under 50 %, at least 3 words, at
+most 30 s; 10,328 utterances), named by the file stem <utt>. With --test_filter_list that file (from
+an ESPnet checkout) selects the same utterances from this recipe's test set; a listed utterance that
+test does not hold (dropped here, or absent from this copy of the corpus) is written to
+``local/test_filter_missing.txt`` and counted in the summary.
 """
 
 from __future__ import annotations
@@ -105,6 +115,26 @@ def prepare_split(split_dir: Path, max_seconds: float) -> tuple[list[Utterance],
     return kept, dropped, untranscribed
 
 
+def read_utterance_list(path: Path) -> set[str]:
+    """The utterance names (first field of each line) of an ESPnet file list."""
+    if not path.is_file():
+        raise CorpusError(
+            f"--test_filter_list {path} does not exist; give egs2/myst/asr1/conf/file_list/test.list "
+            "of an ESPnet checkout"
+        )
+    names = {line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    if not names:
+        raise CorpusError(f"--test_filter_list {path} names no utterance")
+    return names
+
+
+def filtered_test(test: list[Utterance], listed: set[str]) -> tuple[list[Utterance], list[str]]:
+    """(the test utterances whose <utt> of <student>-<utt> is listed, the listed names test lacks)."""
+    kept = [u for u in test if u.utt_id.split("-", 1)[1] in listed]
+    found = {u.utt_id.split("-", 1)[1] for u in kept}
+    return kept, sorted(listed - found)
+
+
 def _audio_length(flac: Path, max_seconds: float) -> tuple[int, str]:
     """(samples, "") or (0, the reason the audio is not used)."""
     try:
@@ -118,6 +148,20 @@ def _audio_length(flac: Path, max_seconds: float) -> tuple[int, str]:
     return info.frames, ""
 
 
+def write_test_filter(
+    data_dir: Path, test: list[Utterance], listed: set[str], lang_sym: str, task_sym: str
+) -> None:
+    """``<data_dir>/test_filter`` and the list of listed utterances test lacks."""
+    kept, missing = filtered_test(test, listed)
+    if not kept:
+        raise CorpusError(f"no test utterance is named by --test_filter_list ({len(listed)} names)")
+    missing_list = data_dir / "local" / "test_filter_missing.txt"
+    missing_list.write_text("".join(f"{name}\n" for name in missing), encoding="utf-8")
+    write_data_dir(data_dir / "test_filter", kept, lang_sym, task_sym)
+    counts = f"{len(kept)} utterances of the {len(listed)} listed"
+    print(f"test_filter: {counts} ({len(missing)} not in test: {missing_list})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus_dir", type=Path, required=True, help="root of the MyST corpus")
@@ -125,9 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_seconds", type=float, default=30.0, help="longer utterances are dropped")
     parser.add_argument("--lang_sym", default="<eng>", help="OWSM language token of the text prefix")
     parser.add_argument("--task_sym", default="<asr>", help="OWSM task token of the text prefix")
+    parser.add_argument(
+        "--test_filter_list", type=Path, help="ESPnet's egs2/myst/asr1/conf/file_list/test.list: test_filter"
+    )
     args = parser.parse_args(argv)
     try:
         root = find_data_root(args.corpus_dir)
+        listed = read_utterance_list(args.test_filter_list) if args.test_filter_list else None
         for corpus_split, split in SPLITS.items():
             kept, dropped, untranscribed = prepare_split(root / corpus_split, args.max_seconds)
             dropped_list = args.data_dir / "local" / f"dropped_{split}.txt"
@@ -136,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise CorpusError(f"{root / corpus_split}: no utterance is left; reasons in {dropped_list}")
             write_data_dir(args.data_dir / split, kept, args.lang_sym, args.task_sym)
             print(f"{summary(split, kept, dropped)}; {untranscribed} flac files without a transcript")
+            if split == "test" and listed is not None:
+                write_test_filter(args.data_dir, kept, listed, args.lang_sym, args.task_sym)
     except CorpusError as error:
         print(f"data_prep.py: error: {error}", file=sys.stderr)
         return 1
