@@ -99,8 +99,8 @@ def random_base(config: dict[str, Any], directory: Path) -> Path:
     return path
 
 
-def build_system(job: Job) -> Any:
-    """The model of ``job`` in training mode, built as ``s2t_train`` builds it."""
+def build_system(job: Job) -> tuple[Any, list[str]]:
+    """(the model of ``job`` in training mode, built as ``s2t_train`` builds it; its token list)."""
     import torch
     from espnet2.tasks.s2t import S2TTask
     from owsm_shapes import build_config

@@ -329,8 +329,7 @@ def write_scoring_inputs(root: Path) -> tuple[Path, Path]:
         (exp / "decode" / name / test_set / "text").write_text(text)
     (exp / "lora").mkdir()
     (exp / "lora" / "peft_budget.json").write_text(json.dumps({"trainable": 1234, "model_parameters": 5678}))
-    (exp / "peft").mkdir()
-    (exp / "peft" / "budget.csv").write_text("method,knob,value,trainable,budget\nlora,rank,7,1234,1300\n")
+    (exp / "lora" / "config.yaml").write_text(yaml.safe_dump({"peft": "lora", "peft_conf": {"rank": 7}}))
     return data, exp
 
 

@@ -77,16 +77,21 @@ def matched_block(model: Any, block: dict[str, Any], budget: int, name: str) -> 
     return {**block, "peft_conf": peft_conf}, row
 
 
-def as_written_row(model: Any, block: dict[str, Any], name: str, budget: int) -> dict[str, Any]:
-    """The budget.csv row of a block kept as written: its knob, or the option that sizes it instead
-    (SSVD's k_ratio), and its value ("-" when the block leaves it at the default)."""
-    options = block.get("peft_conf") or {}
-    knob = get_method(block["peft"]).knob
+def knob_setting(method: str, options: dict[str, Any]) -> tuple[str, Any]:
+    """(knob, value) of a peft block: its method's knob, or the option that sizes it instead (SSVD's
+    k_ratio); the value "-" when the block leaves both at their defaults."""
+    knob = get_method(method).knob
     written = [key for key in (knob, *KNOB_ALIASES.get(knob, ())) if key in options]
     knob = written[0] if written else knob
+    return knob, options.get(knob, "-")
+
+
+def as_written_row(model: Any, block: dict[str, Any], name: str, budget: int) -> dict[str, Any]:
+    """The budget.csv row of a block kept as written."""
+    options = block.get("peft_conf") or {}
+    knob, value = knob_setting(block["peft"], options)
     trainable = estimate_budget(model, block["peft"], **options).trainable
-    return {"method": name, "knob": knob, "value": options.get(knob, "-"), "trainable": trainable,
-            "budget": budget or "-"}  # fmt: skip
+    return {"method": name, "knob": knob, "value": value, "trainable": trainable, "budget": budget or "-"}
 
 
 def write_blocks(

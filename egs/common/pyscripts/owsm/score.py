@@ -11,7 +11,7 @@ languages) also gets one WER per domain. With a
 set named ``source`` (speech of the kind the base model was trained on), ``forgetting`` is the
 source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.json``
 of each PEFT run (full fine-tuning: every parameter of the model its config.yaml builds), the rank
-or k of each PEFT run from ``<exp>/peft/budget.csv`` (stage 3). Writes ``<exp>/results.md`` and
+or k of each PEFT run from its config.yaml. Writes ``<exp>/results.md`` and
 ``<exp>/results.csv``.
 """
 
@@ -74,22 +74,25 @@ def trainable_parameters(run_dir: Path) -> str:
     return "?"
 
 
-def knob_settings(exp: Path) -> dict[str, str]:
-    """Each PEFT run's rank or k as stage 3 set it ("rank 7", "k 51"; "k_ratio" for a block kept as
-    written), from ``<exp>/peft/budget.csv``."""
-    path = exp / "peft" / "budget.csv"
-    if not path.is_file():
-        return {}
-    with path.open(newline="", encoding="utf-8") as f:
-        return {row["method"]: f"{row['knob']} {row['value']}" for row in csv.DictReader(f)}
+def knob_setting(run_dir: Path) -> str:
+    """The PEFT run's rank or k ("rank 7", "k 153", "k_ratio 0.4"), from its own config.yaml; "-"
+    for full fine-tuning or without a config."""
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    if not config.get("peft"):
+        return "-"
+    from owsm.equal_budget import knob_setting as block_knob
+
+    return "{} {}".format(*block_knob(config["peft"], config.get("peft_conf") or {}))
 
 
 def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
-    knobs = knob_settings(exp)
     for name in names:
-        trainable = "0" if name == BASE else trainable_parameters(exp / name)
-        row: dict[str, object] = {"model": name, "trainable": trainable, "rank or k": knobs.get(name, "-")}
+        trainable, knob = (
+            ("0", "-") if name == BASE else (trainable_parameters(exp / name), knob_setting(exp / name))
+        )
+        row: dict[str, object] = {"model": name, "trainable": trainable, "rank or k": knob}
         for set_name, data_dir in sets.items():
             refs = references(data_dir)
             hyp_file = exp / "decode" / name / set_name / "text"
