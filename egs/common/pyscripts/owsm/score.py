@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 from kaldi_files import read_table
+from markdown_table import markdown_table
 from scoring import error_rates
 
 BASE = "base"
@@ -115,10 +116,7 @@ def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_table(rows)) + "\n"
 
 
 def parse_sets(text: str) -> dict[str, Path]:

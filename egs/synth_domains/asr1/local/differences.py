@@ -15,6 +15,7 @@ import csv
 from pathlib import Path
 
 from kaldi_files import read_table
+from markdown_table import markdown_table
 from runs import Run, read_runs
 from score import cells, seed_errors
 from significance import Interval, paired_bootstrap
@@ -74,10 +75,8 @@ def markdown(rows: list[dict[str, object]], title: str) -> str:
         "interval over the test's utterances, each system's errors averaged over its seeds (seeds: the "
         "method's / the reference's).",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + " --- |" * len(COLUMNS),
+        *markdown_table(rows, COLUMNS),
     ]
-    lines += ["| " + " | ".join(str(row[column]) for column in COLUMNS) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

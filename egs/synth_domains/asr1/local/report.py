@@ -19,6 +19,7 @@ import csv
 from pathlib import Path
 
 import yaml
+from markdown_table import markdown_table
 
 
 def body(markdown: Path) -> list[str]:
@@ -34,21 +35,20 @@ def tuning_grid(frozen: Path) -> list[str]:
     dated = frozen.parent / record["file"]
     frozen = dated if dated.is_file() else frozen  # current.yaml: name the dated file it copies
     rates = sorted({float(rate) for by_rate in scores.values() for rate in by_rate})
-    lines = [
-        f"Learning rates frozen on dev in `{frozen}` (made {record['made']}; criterion: "
-        f"{record['criterion']}, the mean over the tuning domains). Dev scores per rate, the choice in bold:",
-        "",
-        "| method | " + " | ".join(f"{rate:g}" for rate in rates) + " | frozen |",
-        "|" + " --- |" * (len(rates) + 2),
-    ]
+    rows = []
     for method, by_rate in scores.items():
-        cells = []
+        row = {"method": method}
         for rate in rates:
             score = by_rate.get(rate, by_rate.get(str(rate)))
             shown = "-" if score is None else f"{float(score):.4f}"
-            cells.append(f"**{shown}**" if rate == float(choices[method]) else shown)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {float(choices[method]):g} |")
-    return lines
+            row[f"{rate:g}"] = f"**{shown}**" if rate == float(choices[method]) else shown
+        rows.append(row | {"frozen": f"{float(choices[method]):g}"})
+    return [
+        f"Learning rates frozen on dev in `{frozen}` (made {record['made']}; criterion: "
+        f"{record['criterion']}, the mean over the tuning domains). Dev scores per rate, the choice in bold:",
+        "",
+        *markdown_table(rows),
+    ]
 
 
 def significant_differences(differences: Path) -> list[str]:

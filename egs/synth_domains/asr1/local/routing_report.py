@@ -14,6 +14,7 @@ import argparse
 import csv
 from pathlib import Path
 
+from markdown_table import markdown_table
 from runs import Run, read_runs
 from score import HDMOLE, cells
 from significance import Interval, seed_interval
@@ -76,10 +77,8 @@ def main() -> None:
         "own domain, mean over the seeds [95 % Student-t interval]; `to <domain>`: the share sent to each "
         "trained domain (a confusion row, mean over the seeds).",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + " --- |" * len(columns),
+        *markdown_table(rows),
     ]
-    lines += ["| " + " | ".join(str(row[c]) or "-" for c in columns) + " |" for row in rows]
     (args.exp / "hdmole_routing.md").write_text("\n".join(lines) + "\n")
     print((args.exp / "hdmole_routing.md").read_text())
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 from kaldi_files import read_table
+from markdown_table import markdown_table
 from runs import SEED, SWEEPS, Run, read_runs
 from scoring import ErrorRate, error_rates, utterance_errors
 from significance import Interval, cell_bootstrap, paired_bootstrap
@@ -291,13 +292,8 @@ def with_intervals(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 
 def markdown(rows: list[dict[str, object]], title: str, base_model: str, rates: str) -> str:
-    columns = list(rows[0])
     lines = [f"# {title}", "", f"Base model (the zero-shot rows, the start of every run): `{base_model}`", ""]
-    lines += [rates, ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for r in rows:
-        cells = [f"{value:,}" if isinstance(value, int) else str(value) or "-" for value in r.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [rates, "", *markdown_table(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 from kaldi_files import read_table
+from markdown_table import markdown_table
 from merge_plan import FULL, SCALING, Merge, read_merges
 from runs import Run, read_runs
 from score import save_figure, write_csv
@@ -159,27 +160,19 @@ def curve_rows(scorer: MergingScorer, merges: list[Merge]) -> list[dict[str, Any
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += [
-        "| " + " | ".join(str(value) if value != "" else "-" for value in r.values()) + " |" for r in rows
-    ]
-    return lines
-
-
 def knobs_markdown(records: list[tuple[str, dict[str, Any]]]) -> str:
-    lines = ["# Knobs chosen on the in-domain dev sets (token accuracy), before any test decode", ""]
-    lines += ["| merge | dev grid: knobs -> accuracy | chosen |", "| --- | --- | --- |"]
+    rows = []
     for name, record in records:
         grid = record["search"]["grid"]
         points = "; ".join(
             " ".join(f"{k}={v}" for k, v in point["knobs"].items()) + f" -> {point['score']:.4f}"
             for point in grid
         )
-        chosen = record["search"]["chosen"]
-        lines.append(f"| {name} | {points} | {' '.join(f'{k}={v}' for k, v in chosen['knobs'].items())} |")
-    return "\n".join(lines) + "\n"
+        chosen = " ".join(f"{k}={v}" for k, v in record["search"]["chosen"]["knobs"].items())
+        rows.append({"merge": name, "dev grid: knobs -> accuracy": points, "chosen": chosen})
+    columns = ["merge", "dev grid: knobs -> accuracy", "chosen"]
+    lines = ["# Knobs chosen on the in-domain dev sets (token accuracy), before any test decode", ""]
+    return "\n".join([*lines, *markdown_table(rows, columns)]) + "\n"
 
 
 def plot_curve(curve: list[dict[str, Any]], rows: list[dict[str, Any]], ood: list[str], path: Path) -> None:
