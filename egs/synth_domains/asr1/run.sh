@@ -148,7 +148,9 @@ run_logged() {
     "$@" >> "${log_file}" 2>&1 || { tail -n 30 "${log_file}" >&2; echo "failed: see ${log_file}" >&2; return 1; }
 }
 
-# Jobs run in the background, ${nj} at a time; wait_jobs waits for them and fails if one failed.
+# Jobs run in the background, ${nj} at a time: a job starts as soon as one of the running ones ends.
+# wait_jobs waits for every job and fails if one failed; when one fails, start_job waits for the others
+# and fails (nothing is left running).
 pids=()
 wait_jobs() {
     local pid failed=0
@@ -156,10 +158,20 @@ wait_jobs() {
     pids=()
     return ${failed}
 }
+wait_one() {  # wait for the first running job to end and drop it from pids; fails as the job did
+    local ended pid status=0 running=()
+    wait -n -p ended "${pids[@]}" || status=$?
+    for pid in "${pids[@]}"; do [ "${pid}" = "${ended}" ] || running+=("${pid}"); done
+    pids=("${running[@]}")
+    return ${status}
+}
 start_job() {
     "$@" &
     pids+=($!)
-    if [ ${#pids[@]} -ge ${nj} ]; then wait_jobs; fi
+    if [ ${#pids[@]} -ge ${nj} ] && ! wait_one; then
+        wait_jobs || true
+        return 1
+    fi
 }
 
 data_args() {  # data_args PREFIX DATA_DIR: ESPnet's speech + text inputs and shape file
