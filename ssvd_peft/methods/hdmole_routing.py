@@ -203,7 +203,21 @@ def attach_domain_router(
     if source_side not in ROUTER_SIDES:
         raise ValueError(f"source_side must be 'input' or 'output', got {source_side!r}")
     context = routing_context(model, adapter_name)
-    reference = hdmole_adapters(model, adapter_name)[0][1].lora_A
+    adapters = hdmole_adapters(model, adapter_name)
+    if source_module is not None and source_side == "output":
+        inside = [
+            name
+            for name, _ in adapters
+            if not source_module or name == source_module or name.startswith(f"{source_module}.")
+        ]
+        if inside:
+            raise PeftConfigError(
+                f"hdmole: the router reads the output of {source_module!r}, which holds HDMoLE layers "
+                f"({inside[0]!r}{' and more' if len(inside) > 1 else ''}): they would run before the "
+                "router, routed by the previous batch's g; use router_side='input' or a source module "
+                "that runs before every HDMoLE layer"
+            )
+    reference = adapters[0][1].lora_A
     router = DomainRouter(feature_dim, context.num_domains, context, source_module, source_side)
     add_model_part(model, adapter_name, router.to(reference.device, reference.dtype))
     if source_module is not None:

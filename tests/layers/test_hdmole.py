@@ -423,7 +423,9 @@ def test_a_router_hooked_to_a_module_input_routes_every_forward_on_its_features_
 
 
 def test_a_router_hooked_to_a_module_output_routes_the_layers_after_it():
-    model = hdmole_model()
+    torch.manual_seed(0)
+    model = TwoLayers()
+    inject_adapters(model, "hdmole", target_modules=["down"], **OPTIONS)
     router = attach_domain_router(model, feature_dim=12, source_module="up", source_side="output")
     with torch.no_grad():
         router.proj.weight.normal_()
@@ -431,6 +433,17 @@ def test_a_router_hooked_to_a_module_output_routes_the_layers_after_it():
     model(x)
     expected = router.proj(model.up(x).mean(dim=1))
     torch.testing.assert_close(routing_context(model).domain_logits, expected)
+
+
+@pytest.mark.parametrize("source_module", ["up", "", "encoder"])
+def test_a_router_on_the_output_of_a_module_holding_hdmole_layers_is_refused(source_module):
+    """Those layers would run before the router, routed by the previous batch's g."""
+    model = WithEncoder()
+    inject_adapters(model, "hdmole", target_modules=["up", "down"], **OPTIONS)
+    source = f"encoder.{source_module}" if source_module == "up" else source_module
+    with pytest.raises(PeftConfigError, match=r"holds HDMoLE layers.*router_side='input'"):
+        attach_domain_router(model, feature_dim=12, source_module=source, source_side="output")
+    assert "peft_adapters" not in dict(model.named_children())
 
 
 class MaskedAttention(nn.Module):
