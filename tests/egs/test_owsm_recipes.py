@@ -399,6 +399,17 @@ def write_myst_corpus(root: Path) -> None:
             (folder / f"{stem}.trn").write_text(texts[number])
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_stage_1_without_a_corpus_names_db_sh(recipe: str, tmp_path: Path) -> None:
+    """The corpus root comes from the recipe's db.sh (empty as shipped) or --corpus_dir."""
+    db = (EGS / recipe / "asr1" / "db.sh").read_text()
+    assert {"myst": "\nMYST=\n", "l2arctic": "\nL2ARCTIC=\n"}[recipe] in db
+    command = [str(EGS / recipe / "asr1" / "run.sh"), "--stop_stage", "1", "--data", str(tmp_path / "data")]
+    result = run([*command, "--python", sys.executable])
+    assert result.returncode == 1 and "set it in the recipe's db.sh or pass --corpus_dir" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: Path, tmp_path: Path) -> None:
     """All five stages of egs/myst/asr1 on CPU with the tiny model (full fine-tuning, LoRA at SSVD-O's
     budget and SSVD-O; a few steps each)."""

@@ -17,7 +17,7 @@ set -euo pipefail
 
 stage=1
 stop_stage=5
-corpus_dir=""        # stage 1: the corpus root
+corpus_dir=""        # stage 1: the corpus root (the recipe's run.sh passes the one db.sh names)
 owsm_dir=""          # stage 2: the downloaded OWSM model directory
 model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf, _small or _base
 methods="full lora dora pissa ssvd ssvd_o"   # full, and ${peft_conf_dir}/<method>.yaml each
@@ -84,7 +84,7 @@ run_logged() {
 }
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
-    [ -n "${corpus_dir}" ] || die "stage 1 needs --corpus_dir (the corpus root; see README.md)"
+    [ -n "${corpus_dir}" ] || die "stage 1 needs the corpus root: set it in the recipe's db.sh or pass --corpus_dir (see README.md)"
     log "Stage 1: data dirs of ${corpus_dir} -> ${data}"
     ${python} local/data_prep.py --corpus_dir "${corpus_dir}" --data_dir "${data}" ${local_data_opts}
 fi
