@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -472,3 +473,100 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
 
 def read_keys(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines()]
+
+
+def write_utt2domain(path: Path, domains: list[str]) -> Path:
+    path.write_text("".join(f"utt{number} {domain}\n" for number, domain in enumerate(domains)))
+    return path
+
+
+def test_hdmole_gets_its_domains_from_utt2domain_and_a_rank_at_the_budget(
+    prepared_owsm: Path, tmp_path: Path
+) -> None:
+    utt2domain = write_utt2domain(tmp_path / "utt2domain", ["korean", "arabic", "-", "korean", "hindi"])
+    out = tmp_path / "peft"
+    rows = equal_budget.write_blocks(
+        prepared_owsm / "config.yaml", PEFT_CONF, ["hdmole", "lora"], "60000", out, utt2domain
+    )
+    block = yaml.safe_load((out / "hdmole.yaml").read_text())["peft_conf"]
+    assert block["domains"] == ["arabic", "hindi", "korean"] and block["num_domains"] == 3
+    model = build_meta_model(prepared_owsm / "config.yaml", "s2t")
+    trainable = estimate_budget(model, "hdmole", **block).trainable
+    assert rows[0] == {"method": "hdmole", "knob": "rank", "value": block["rank"], "trainable": trainable,
+                       "budget": 60000}  # fmt: skip
+    step = estimate_budget(model, "hdmole", **{**block, "rank": block["rank"] + 1}).trainable - trainable
+    assert abs(trainable - 60000) <= step
+    assert "domains" not in yaml.safe_load((out / "lora.yaml").read_text())["peft_conf"]
+
+
+def test_hdmole_needs_several_domains(prepared_owsm: Path, tmp_path: Path) -> None:
+    """MyST is one domain (child): HDMoLE has nothing to route among there."""
+    command = [sys.executable, "-m", "owsm.equal_budget", "--config", str(prepared_owsm / "config.yaml")]
+    command += ["--peft_conf_dir", str(PEFT_CONF), "--methods", "lora hdmole", "--budget", "ssvd_o"]
+    command += ["--out_dir", str(tmp_path / "peft")]
+    utt2domain = write_utt2domain(tmp_path / "utt2domain", ["child", "child"])
+    result = run([*command, "--utt2domain", str(utt2domain)])
+    assert result.returncode == 1 and "names 1 (child): it needs two or more" in result.stderr
+    result = run(command)
+    assert result.returncode == 1 and "give --utt2domain" in result.stderr
+    assert not (tmp_path / "peft").exists()
+
+
+def write_l2arctic_corpus(root: Path) -> None:
+    """Every L2-ARCTIC speaker reading two adaptation prompts, one dev and one test prompt (1 s, 16 kHz)."""
+    speakers = l2arctic_speakers()
+    prompts = {"arctic_a0001": "the cat sat", "arctic_a0002": "a big red ball",
+               "arctic_b0001": "yes it is", "arctic_b0300": "no it isn't"}  # fmt: skip
+    rng = np.random.default_rng(0)
+    for speaker in speakers:
+        (root / speaker / "wav").mkdir(parents=True)
+        (root / speaker / "transcript").mkdir(parents=True)
+        for utt, prompt in prompts.items():
+            soundfile.write(root / speaker / "wav" / f"{utt}.wav", 0.1 * rng.standard_normal(16000), 16000)
+            (root / speaker / "transcript" / f"{utt}.txt").write_text(prompt)
+
+
+def l2arctic_speakers() -> list[str]:
+    """The 24 speakers of the recipe's data preparation (its split names each of them)."""
+    sys.path.insert(0, str(EGS / "l2arctic" / "asr1" / "local"))
+    try:
+        from data_prep import SPEAKERS
+    finally:
+        sys.path.pop(0)
+    return list(SPEAKERS)
+
+
+def test_l2arctic_run_trains_hdmole_over_the_first_languages_with_two_ddp_processes(
+    owsm_dir: Path, tmp_path: Path
+) -> None:
+    """Stages 1-5 of egs/l2arctic/asr1 with HDMoLE, trained by torchrun's two processes (gloo, CPU)."""
+    write_l2arctic_corpus(tmp_path / "corpus")
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 --no-python"
+    command = [str(EGS / "l2arctic" / "asr1" / "run.sh"), "--corpus_dir", str(tmp_path / "corpus")]
+    command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "hdmole"]
+    command += ["--budget", "60000", "--train_launcher", launcher, "--ngpu", "0", "--inference_ngpu", "0"]
+    command += ["--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--python", sys.executable]
+    command += ["--local_data_opts", f"--audio_dir {tmp_path / 'audio'} --nj 2"]
+    command += ["--inference_nj", "2", "--inference_args", "--maxlenratio 0.01", "--train_args"]
+    command += ["--use_amp false --num_workers 0 --max_epoch 1 --num_iters_per_epoch 2 --batch_size 4 "
+                "--dist_backend gloo"]  # fmt: skip
+    result = run(command, env_threads=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exp = tmp_path / "exp"
+    train_log = (exp / "hdmole" / "train.log").read_text()
+    # ESPnet's log lines: [host:rank/world size]; rank 0 of two writes the epoch's results
+    assert re.search(r"^\[[^\]]+:0/2\] .* 1epoch results: .*hdmole_domain_accuracy=", train_log, re.MULTILINE)
+    config = yaml.safe_load((exp / "hdmole" / "config.yaml").read_text())
+    languages = sorted({"arabic", "mandarin", "hindi", "korean", "spanish", "vietnamese"})
+    assert config["peft_conf"]["domains"] == languages and config["peft_conf"]["num_domains"] == 6
+    assert [str(tmp_path / "data" / "adapt" / "utt2domain"), "domain", "text"] in config[
+        "train_data_path_and_name_and_type"
+    ]
+    assert set(read_keys(exp / "decode" / "hdmole" / "test" / "text")) == set(
+        read_keys(tmp_path / "data" / "test" / "text")
+    )
+    with (exp / "results.csv").open() as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    router = (N_MELS + 1) * 6  # W_g and b_g of the domain router on the encoder's input features
+    planned = int(budget_rows(exp / "peft")["hdmole"]["trainable"])
+    assert int(rows["hdmole"]["trainable"].replace(",", "")) == planned + router

@@ -20,13 +20,17 @@ stop_stage=5
 corpus_dir=""        # stage 1: the corpus root (the recipe's run.sh passes the one db.sh names)
 owsm_dir=""          # stage 2: the downloaded OWSM model directory
 model=owsm_v3.1_ebf  # training options conf/tuning/${model}.yaml: owsm_v3.1_ebf, _small or _base
-methods="full lora dora pissa ssvd ssvd_o"   # full, and ${peft_conf_dir}/<method>.yaml each
+methods="full lora dora pissa ssvd ssvd_o"   # full, and ${peft_conf_dir}/<method>.yaml each (hdmole:
+                                             # the training set's utt2domain names its domains)
 peft_conf_dir=""     # default: egs/common/owsm/conf/peft
 budget=ssvd_o        # one budget for every PEFT method (owsm/equal_budget.py): what this method's block
                      # trains as written, a number of trainable parameters, or none (blocks as written)
 full_conf=""         # full fine-tuning's own options; default: egs/common/owsm/conf/full.yaml
 decode_config=""     # default: egs/common/owsm/conf/decode.yaml
-ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1)
+ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1), or per process with --train_launcher
+train_launcher=""    # a launcher put before the trainer, one process per GPU (ESPnet's DDP reads RANK,
+                     # WORLD_SIZE and LOCAL_RANK), e.g. "torchrun --nproc_per_node 4 --no-python"; on
+                     # several nodes: "srun --ntasks-per-node 4" with --train_args "--dist_launcher slurm"
 inference_ngpu=1     # GPUs per decoding job
 inference_nj=1       # decoding jobs per model and test set, run at once
 source_test=""       # optional Kaldi-style dir (wav.scp, text or text.ctc) of the base model's own domain
@@ -44,7 +48,7 @@ log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_small|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
-          [--ngpu N] [--inference_ngpu N] [--inference_nj N]
+          [--ngpu N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--inference_ngpu N] [--inference_nj N]
           [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
           [--peft_conf_dir DIR] [--decode_config FILE] [--data D] [--exp E] [--python P]'
 
@@ -75,6 +79,12 @@ s2t_data_args() {
         "--$1_shape_file $2/speech_shape"
 }
 
+# exact_merge CONFIG: whether the peft method of a training config folds into the weights exactly.
+exact_merge() {
+    ${python} -c 'import sys, yaml; from ssvd_peft.registry import get_method
+sys.exit(0 if get_method(yaml.safe_load(open(sys.argv[1]))["peft"]).exact_merge else 1)' "$1"
+}
+
 # run_logged LOG COMMAND...: COMMAND with its output in LOG; on failure, the end of LOG.
 run_logged() {
     local log_file=$1
@@ -101,11 +111,17 @@ fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     distributed=""
-    [ "${ngpu}" -le 1 ] || distributed="--multiprocessing_distributed true"
+    if [ -n "${train_launcher}" ]; then
+        [ "${ngpu}" -le 1 ] || die "--train_launcher starts one process per GPU: give --ngpu 1 (or 0 on CPU), not ${ngpu}"
+        distributed="--multiprocessing_distributed false"
+    elif [ "${ngpu}" -gt 1 ]; then
+        distributed="--multiprocessing_distributed true"
+    fi
     if [ -n "${peft_methods}" ]; then
         log "Stage 3: PEFT blocks at budget ${budget} -> ${exp}/peft/budget.csv"
         ${python} -m owsm.equal_budget --config "${owsm}/config.yaml" --peft_conf_dir "${peft_conf_dir}" \
-            --methods "${peft_methods}" --budget "${budget}" --out_dir "${exp}/peft"
+            --methods "${peft_methods}" --budget "${budget}" --out_dir "${exp}/peft" \
+            --utt2domain "${data}/${train_set}/utt2domain"
     fi
     for method in ${methods}; do
         dir=${exp}/${method}
@@ -123,10 +139,15 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
                 --peft "${exp}/peft/${method}.yaml" --out "${exp}/conf/${method}.yaml"
             trainer="espnet_plugins.bin.s2t_train --peft_pretrained ${owsm}/model.pth"
         fi
-        run_logged "${dir}/train.log" ${python} -m ${trainer} --config "${exp}/conf/${method}.yaml" \
+        labels=""  # a method that routes among domains (HDMoLE) learns them from utt2domain
+        if [ "${method}" != full ] && [ -n "$(${python} -m yaml_get "${exp}/peft/${method}.yaml" peft_conf.domains)" ]; then
+            labels="--train_data_path_and_name_and_type ${data}/${train_set}/utt2domain,domain,text"
+            labels+=" --valid_data_path_and_name_and_type ${data}/${valid_set}/utt2domain,domain,text"
+        fi
+        run_logged "${dir}/train.log" ${train_launcher} ${python} -m ${trainer} --config "${exp}/conf/${method}.yaml" \
             --output_dir "${dir}" --ngpu "${ngpu}" ${distributed} --resume true \
             $(s2t_data_args train "${data}/${train_set}") $(s2t_data_args valid "${data}/${valid_set}") \
-            ${train_args}
+            ${labels} ${train_args}
     done
 fi
 
@@ -139,10 +160,9 @@ if [ -n "${source_test}" ]; then
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
-    # decode NAME MODULE CONFIG MODEL: every test set, ${inference_nj} jobs each -> decode/NAME/<set>/text
+    # decode NAME MODULE CONFIG MODEL [OPTIONS]: every test set, ${inference_nj} jobs each -> decode/NAME/<set>/text
     decode() {
-        local name=$1 module=$2 config=$3 model_file=$4 set out keys job nj extra=""
-        [ "${module}" = espnet2.bin.s2t_inference ] || extra="--peft_merge true"
+        local name=$1 module=$2 config=$3 model_file=$4 extra=${5:-} set out keys job nj
         for set in ${set_names}; do
             out=${exp}/decode/${name}/${set}
             if [ -f "${out}/text" ] && [ "${out}/text" -nt "${model_file}" ]; then
@@ -176,9 +196,15 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     decode base espnet2.bin.s2t_inference "${owsm}/config.yaml" "${owsm}/model.pth"
     for method in ${methods}; do
         [ -e "${exp}/${method}/valid.acc.ave.pth" ] || die "no ${exp}/${method}/valid.acc.ave.pth: run stage 3"
-        module=espnet_plugins.bin.s2t_inference
-        [ "${method}" != full ] || module=espnet2.bin.s2t_inference
-        decode "${method}" "${module}" "${exp}/${method}/config.yaml" "${exp}/${method}/valid.acc.ave.pth"
+        if [ "${method}" = full ]; then
+            decode full espnet2.bin.s2t_inference "${exp}/full/config.yaml" "${exp}/full/valid.acc.ave.pth"
+            continue
+        fi
+        # adapters folded into the weights where that is exact; HDMoLE's routing stays per utterance
+        merge="--peft_merge true"
+        exact_merge "${exp}/${method}/config.yaml" || merge=""
+        decode "${method}" espnet_plugins.bin.s2t_inference "${exp}/${method}/config.yaml" \
+            "${exp}/${method}/valid.acc.ave.pth" "${merge}"
     done
 fi
 

@@ -12,12 +12,18 @@ model is built on the meta device from the OWSM config, so nothing is loaded). E
 alpha included, stays as the block writes it. A budget that no value of a method's knob comes within
 one step of is refused, with the closest count. Writes ``<out_dir>/<method>.yaml`` and
 ``<out_dir>/budget.csv`` (method, knob, value, trainable, budget).
+
+A method that routes among domains (its config has ``domains``: HDMoLE) gets them from
+``--utt2domain`` (the training set's; names sorted, ``num_domains`` their count) before its knob
+is matched; fewer than two domains are refused. The count in budget.csv is the adapter layers';
+HDMoLE's domain router adds M (d + 1) on top (d: the width of its features).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ import yaml
 from espnet_plugins.modules import build_meta_model
 from ssvd_peft.budget import equal_budget_configs, estimate_budget
 from ssvd_peft.config import PeftConfigError
+from ssvd_peft.methods.hdmole import UNLABELLED
 from ssvd_peft.registry import get_method
 
 # The options a matched knob replaces (SSVD's k_ratio sizes k when k is not given).
@@ -46,6 +53,39 @@ def read_block(peft_conf_dir: Path, method: str) -> dict[str, Any]:
     if not isinstance(block, dict) or "peft" not in block:
         raise BudgetError(f"{path} must hold a peft block (peft: <method>, peft_conf: ...)")
     return block
+
+
+def domains_of(utt2domain: Path) -> list[str]:
+    """The domain names of a Kaldi-style utt2domain file, sorted (unlabelled utterances left out)."""
+    if not utt2domain.is_file():
+        raise BudgetError(f"no {utt2domain}: run stage 1 (it writes utt2domain beside text)")
+    names = {line.split()[1] for line in utt2domain.read_text(encoding="utf-8").splitlines() if line.strip()}
+    return sorted(names - {UNLABELLED})
+
+
+def routes_domains(method: str) -> bool:
+    """Whether the method's config takes domain names (a domain router)."""
+    return "domains" in {field.name for field in dataclasses.fields(get_method(method).config)}
+
+
+def with_domains(block: dict[str, Any], utt2domain: Path | None, name: str) -> dict[str, Any]:
+    """``block`` with ``domains`` and ``num_domains`` from the training set's utt2domain, if its method
+    routes among domains; other blocks as they are."""
+    if not routes_domains(block["peft"]):
+        return block
+    if utt2domain is None:
+        raise BudgetError(f"{name} routes among domains: give --utt2domain (the training set's utt2domain)")
+    domains = domains_of(utt2domain)
+    if len(domains) < 2:
+        raise BudgetError(
+            f"{name} routes among domains, but the training set's utt2domain names "
+            f"{len(domains)} ({', '.join(domains) or '-'}): it needs two or more; leave {name} out of "
+            "--methods for this corpus"
+        )
+    return {
+        **block,
+        "peft_conf": {**(block.get("peft_conf") or {}), "num_domains": len(domains), "domains": domains},
+    }
 
 
 def budget_of(model: Any, spec: str, peft_conf_dir: Path) -> tuple[int, str]:
@@ -95,14 +135,19 @@ def as_written_row(model: Any, block: dict[str, Any], name: str, budget: int) ->
 
 
 def write_blocks(
-    config: Path, peft_conf_dir: Path, methods: list[str], spec: str, out_dir: Path
+    config: Path,
+    peft_conf_dir: Path,
+    methods: list[str],
+    spec: str,
+    out_dir: Path,
+    utt2domain: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Write every method's block (matched, or as written) into ``out_dir``; the budget.csv rows."""
     model = build_meta_model(config, "s2t")
     budget, reference = (0, "") if spec == "none" else budget_of(model, spec, peft_conf_dir)
     blocks, rows = {}, []
     for method in methods:
-        block = read_block(peft_conf_dir, method)
+        block = with_domains(read_block(peft_conf_dir, method), utt2domain, method)
         if spec == "none" or method == reference:
             row = as_written_row(model, block, method, budget)
         else:
@@ -126,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", required=True, help="space-separated methods")
     parser.add_argument("--budget", required=True, help="a number, a method of --peft_conf_dir, or none")
     parser.add_argument("--out_dir", type=Path, required=True, help="output: <method>.yaml, budget.csv")
+    parser.add_argument("--utt2domain", type=Path, help="the training set's utt2domain (HDMoLE's domains)")
     args = parser.parse_args(argv)
     try:
-        rows = write_blocks(args.config, args.peft_conf_dir, args.methods.split(), args.budget, args.out_dir)
+        rows = write_blocks(
+            args.config, args.peft_conf_dir, args.methods.split(), args.budget, args.out_dir, args.utt2domain
+        )
     except BudgetError as error:
         print(f"equal_budget.py: error: {error}", file=sys.stderr)
         return 1
