@@ -118,7 +118,8 @@ def test_peft_methods_train_fewer_parameters_than_full_fine_tuning(
     fusion = {"fusion_grouped_lora", "layer_analysis"}  # the head, the decoder and CTC (and LoRA) trained
     main = {"full", "ssvd_o", "hdmole", "fusion_grouped_lora"}
     seeded = {f"{method}@seed1" for method in main}
-    assert set(planned) == {*main, *seeded, "ssvd_o@b1", "ssvd_o@outer0.75", "layer_analysis"}
+    sweeps = {"ssvd_o@b1", "ssvd_o@outer0.75", "ssvd_o@decoder"}
+    assert set(planned) == {*main, *seeded, *sweeps, "layer_analysis"}
     assert all(planned[name] == planned[name.split("@")[0]] for name in seeded)
     peft = [count for name, count in planned.items() if name.split("@")[0] not in {"full", *fusion}]
     assert max(peft) < 0.1 * planned["full"] and max(planned[name] for name in fusion) < planned["full"]
@@ -287,6 +288,8 @@ def test_sweep_table_has_each_sweep_with_its_main_point(exp: Path) -> None:
         ("budget", "1", "child", "ssvd_o"),
         ("split", "0.25", "child", "ssvd_o"),
         ("split", "0.75", "child", "ssvd_o"),
+        ("allocation", "all", "child", "ssvd_o"),
+        ("allocation", "decoder", "child", "ssvd_o"),
         ("fewshot", "4", "child", "ssvd_o"),
         ("fewshot", "2", "child", "ssvd_o"),
     ]

@@ -24,6 +24,7 @@ import plan  # noqa: E402
 import token_list  # noqa: E402
 
 DOMAINS = yaml.safe_load((RECIPE / "conf" / "domains.yaml").read_text())
+PARTS = ("encoder", "decoder", "attention", "feed_forward")  # the allocation sweep's points
 
 
 def test_each_sentence_is_spoken_by_distinct_voices_in_turn() -> None:
@@ -185,7 +186,7 @@ def plan_runs(tmp_path: Path, methods: str, sweeps: str, *extra: str) -> subproc
 
 
 def test_runs_cover_every_method_domain_and_sweep_point(tmp_path: Path) -> None:
-    result = plan_runs(tmp_path, "full lora dora pissa ssvd ssvd_o hdmole", "budget split fewshot")
+    result = plan_runs(tmp_path, "full lora dora pissa ssvd ssvd_o hdmole", "budget split allocation fewshot")
     assert result.returncode == 0, result.stderr
     lines = [line.split("\t") for line in (tmp_path / "conf" / "runs.tsv").read_text().splitlines()]
     assert all(len(line) == 8 for line in lines)
@@ -198,6 +199,7 @@ def test_runs_cover_every_method_domain_and_sweep_point(tmp_path: Path) -> None:
     assert swept == sorted(
         [f"child/{m}@b{v}" for m in ("lora", "ssvd", "ssvd_o") for v in (2, 32)]
         + [f"child/ssvd_o@outer{s}" for s in (0.0, 0.5, 0.75)]
+        + [f"child/{m}@{part}" for m in ("lora", "ssvd", "ssvd_o") for part in PARTS]
         + [f"child/{m}@n{n}" for m in ("full", "lora", "ssvd", "ssvd_o") for n in (50, 100)]
     )
     assert runs["child/lora@n50"][4] == str(tmp_path / "conf" / "lora.yaml")
@@ -247,12 +249,50 @@ def test_every_peft_config_trains_the_budget_and_hdmole_that_of_all_domains(tmp_
     split = yaml.safe_load((conf / "ssvd_o@outer0.5.yaml").read_text())["peft_conf"]
     main = yaml.safe_load((conf / "ssvd_o.yaml").read_text())["peft_conf"]
     assert split == {**main, "outer_share": 0.5, "k": split["k"]}
-    assert yaml.safe_load((conf / "main_settings.json").read_text()) == {"budget": "8", "split": "0.25"}
+    assert yaml.safe_load((conf / "main_settings.json").read_text()) == {
+        "budget": "8", "split": "0.25", "allocation": "all"
+    }  # fmt: skip
     shortfalls = yaml.safe_load((conf / "budget_shortfalls.json").read_text())
     for name, entry in shortfalls.items():
         assert entry["trainable"] == trainable[name] and entry["budget"] != entry["trainable"], name
     within_reach = [name for name in trainable if name not in shortfalls and name.split("@")[0] != "hdmole"]
     assert {"lora", "ssvd", "ssvd_o"} <= set(within_reach)
+
+
+def test_allocation_points_put_budget_b_on_one_part_of_the_model_each(tmp_path: Path) -> None:
+    from espnet_plugins.modules import build_meta_model
+    from ssvd_peft.budget import estimate_budget
+    from ssvd_peft.config import PeftConfigError
+
+    assert plan_runs(tmp_path, "lora ssvd ssvd_o", "allocation").returncode == 0
+    conf = tmp_path / "conf"
+    trainable = yaml.safe_load((conf / "trainable.json").read_text())
+    shortfalls = yaml.safe_load((conf / "budget_shortfalls.json").read_text())
+    assert set(shortfalls) == {
+        "ssvd@feed_forward",
+        "ssvd_o@feed_forward",
+    }  # k <= 96 = min(in, out) of w_1, w_2
+    model = build_meta_model(tmp_path / "config.yaml")
+    layers = {}
+    for method in ("lora", "ssvd", "ssvd_o"):  # the full profile's allocation methods
+        main = yaml.safe_load((conf / f"{method}.yaml").read_text())["peft_conf"]
+        knob = "rank" if method == "lora" else "k"
+        for part in PARTS:
+            block = yaml.safe_load((conf / f"{method}@{part}.yaml").read_text())["peft_conf"]
+            report = estimate_budget(model, method, **block)
+            assert block[knob] > main[knob]  # the same total on fewer layers
+            if f"{method}@{part}" in shortfalls:  # B out of reach: the largest rank or k, recorded
+                assert shortfalls[f"{method}@{part}"]["trainable"] == report.trainable < trainable[method]
+                with pytest.raises(PeftConfigError):
+                    estimate_budget(model, method, **{**block, knob: block[knob] + 1})
+            else:
+                assert abs(report.trainable - trainable[method]) <= 0.1 * trainable[method], part
+            layers[part] = {module.name for module in report.modules}
+    assert all(name.startswith("encoder.") for name in layers["encoder"])
+    assert all(name.startswith("decoder.") for name in layers["decoder"])
+    assert layers["encoder"] | layers["decoder"] == layers["attention"] | layers["feed_forward"]
+    assert not layers["attention"] & layers["feed_forward"]
+    assert all(name.rsplit(".", 1)[1] in ("w_1", "w_2") for name in layers["feed_forward"])
 
 
 def test_each_method_trains_with_its_own_options_over_the_shared_ones(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@
 #                 [--data D] [--synth S] [--exp E] [--python P]      (relative paths are relative to this directory)
 #                 [--methods "full lora dora pissa ssvd ssvd_o"]    (default: the profile's default_methods)
 #                 [--domains "accent child noisy"]                  (default: all of ${data}/target_domains.txt)
-#                 [--sweeps "budget split fewshot"]                 (default: the profile's default_sweeps; or none)
+#                 [--sweeps "budget split allocation fewshot"]      (default: the profile's default_sweeps; or none)
 #                 [--base_model path/valid.acc.ave.pth]             (config.yaml next to it; default ${exp}/base/...)
 #                 [--merging true|false]                            (default: the profile's default_merging)
 #                 [--layer_analysis true|false]                     (default: the profile's default_layer_analysis)
@@ -61,7 +61,7 @@ seeds=""       # default: default_seeds of conf/asr/${profile}/adapters.yaml (1 
 
 log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) $*"; }
 
-help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false] [--tune true|false] [--frozen F] [--seeds N]"
+help_message="usage: $0 [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J] [--target_data_dirs 'name=/path ...'] [--data D] [--synth S] [--exp E] [--python P] [--methods 'full lora ...'] [--domains 'accent ...'] [--sweeps 'budget split allocation fewshot'|none] [--base_model M] [--merging true|false] [--layer_analysis true|false] [--tune true|false] [--frozen F] [--seeds N]"
 cd "$(dirname "$0")"
 . ./path.sh
 . "${COMMON_ROOT}/parse_options.sh"

@@ -31,6 +31,10 @@ Runs (one line each in ``runs.tsv``, see local/runs.py):
   (``<domain>/<method>@b<value>``);
 - sweep ``split``: SSVD-O with other inner/outer splits of its rotations (``outer_share``), its k
   chosen again for budget B (``<domain>/ssvd_o@outer<value>``);
+- sweep ``allocation``: methods with their adapters on one part of the model only (``sweeps.allocation
+  .parts``: a part's options over the method's, e.g. ``exclude_modules`` or ``target_modules``), the
+  rank or k chosen again for budget B, so the same total goes to fewer layers
+  (``<domain>/<method>@<part>``);
 - sweep ``fewshot``: methods on the first n utterances of the adapt split, balanced over speakers
   (``<domain>/<method>@n<value>``; data dir ``<data>/fewshot/<domain>_adapt_n<value>``).
 
@@ -38,7 +42,7 @@ The sweeps run on the ``sweeps.domains`` of the adapters file. ``trainable.json`
 planned trainable count of every config (full: every parameter of the model),
 ``budget_shortfalls.json`` every config whose method cannot come within one rank or k step of its
 budget (its budget and trainable count; also printed), ``main_settings.json`` the main runs' place
-on the sweeps' axes (the reference rank or k, SSVD-O's outer share).
+on the sweeps' axes (the reference rank or k, SSVD-O's outer share, ``all`` layers).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ MODEL_KEYS = (
     "use_preprocessor",
 )
 ALL_DOMAINS = "all"
+ALL_LAYERS = "all"  # the main runs' place on the allocation sweep: every target module
 
 
 def method_options(adapters: dict[str, Any], method: str, domains: list[str]) -> dict[str, Any]:
@@ -318,6 +323,8 @@ class Planner:
                 for method, match in budget_matches(self.model, budget, options).items():
                     config, _ = self.peft_config(f"{method}@b{value}", options[method], match)
                     configs.append((method, "budget", str(value), config))
+        if "allocation" in sweeps:
+            configs += self.allocation_configs(spec["allocation"])
         if "split" in sweeps:
             budget = reference_budget(self.model, self.adapters)
             for share in spec["split"]["outer_share"]:
@@ -336,6 +343,20 @@ class Planner:
                         self.add_domain_run(
                             domain, f"{method}@n{size}", method, "fewshot", str(size), config, train
                         )
+
+    def allocation_configs(self, spec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+        """(method, "allocation", part, config) for each method of ``spec`` with its adapters on each part
+        only (the part's options over the method's), matched to budget B."""
+        budget = reference_budget(self.model, self.adapters)
+        configs = []
+        for part, overrides in spec["parts"].items():
+            options = {
+                m: {**method_options(self.adapters, m, self.domains), **overrides} for m in spec["methods"]
+            }
+            for method, match in budget_matches(self.model, budget, options).items():
+                config, _ = self.peft_config(f"{method}@{part}", options[method], match)
+                configs.append((method, "allocation", part, config))
+        return configs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -393,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     main_settings = {"budget": str(reference[get_method(reference["method"]).knob])}
     if "ssvd_o" in blocks:
         main_settings["split"] = str(blocks["ssvd_o"].get("outer_share", ""))
+    main_settings["allocation"] = ALL_LAYERS
     (args.out_dir / "main_settings.json").write_text(json.dumps(main_settings) + "\n")
     write_runs(args.out_dir / "runs.tsv", planner.runs)
     knob_of = {m: get_method(registry_method(adapters, m)).knob for m in blocks}

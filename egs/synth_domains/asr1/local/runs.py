@@ -4,9 +4,9 @@
 
 ``run`` is its dir under exp (``<domain>/<method>[@<variant>]``, or ``all/<method>`` for a run on
 every domain together); ``sweep`` is ``main``, ``seed`` (a main run at another seed, ``<main>@seed<i>``),
-``tune`` (local/freeze.py), ``joint`` (a joint run for the merging stages), ``budget``, ``split`` or
-``fewshot``, ``value`` the swept value (the seed's index for ``seed``; ``-`` for main runs: bash's
-``read`` would merge empty tab-separated fields); ``test-domains`` is space-separated.
+``tune`` (local/freeze.py), ``joint`` (a joint run for the merging stages), ``budget``, ``split``,
+``allocation`` or ``fewshot``, ``value`` the swept value (the seed's index for ``seed``; ``-`` for main
+runs: bash's ``read`` would merge empty tab-separated fields); ``test-domains`` is space-separated.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SWEEPS = ("budget", "split", "fewshot")
+SWEEPS = ("budget", "split", "allocation", "fewshot")
 SEED = "seed"
 
 

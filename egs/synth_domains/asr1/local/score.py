@@ -18,9 +18,10 @@ true domain given instead of the router's choice; stage 9).
 Runs come from ``runs.tsv`` (local/finetune_configs.py). Main table: per target domain, the base model
 (zero-shot) and every main run tested on it (HDMoLE, trained once on all domains, on each): written
 as ``results.csv``, ``results.md`` and ``learning_vs_forgetting.png`` (target WER against source WER,
-one point per method, one panel per domain). Sweeps (budget, SSVD-O split, few-shot), each with the
-main run of the same method as its point at the main setting: ``sweeps.csv``, ``sweeps.md`` and
-``sweeps.png`` (target WER against trainable parameters, outer share, adaptation utterances).
+one point per method, one panel per domain). Sweeps (budget, SSVD-O split, allocation, few-shot), each
+with the main run of the same method as its point at the main setting: ``sweeps.csv``, ``sweeps.md``
+and ``sweeps.png`` (target WER against trainable parameters, outer share, the part of the model that
+holds the adapters, adaptation utterances).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ SWEEP_COLUMNS = ("sweep", "value", *COLUMNS)
 SWEEP_AXES = {
     "budget": "trainable parameters",
     "split": "SSVD-O outer share of the rotation budget",
+    "allocation": "adapted part of the model (same budget)",
     "fewshot": "adaptation utterances",
 }
 
@@ -212,7 +214,8 @@ def seed_rows(scorer: Scorer, runs: list[Run], domains: list[str]) -> list[dict[
 
 def sweep_rows(scorer: Scorer, runs: list[Run], main_settings: dict[str, str]) -> list[dict[str, object]]:
     """Every sweep run, and the main run of the same (domain, method) as the sweep's point at the main
-    setting (``main_settings``: the budget's rank or k, SSVD-O's outer share; few-shot: the adapt size)."""
+    setting (``main_settings``: the budget's rank or k, SSVD-O's outer share, ``all`` layers; few-shot:
+    the adapt size)."""
     rows: list[dict[str, object]] = []
     for sweep in SWEEPS:
         swept = [r for r in runs if r.sweep == sweep]
@@ -347,14 +350,21 @@ def plot_sweeps(rows: list[dict[str, object]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 4.0), squeeze=False)
     for axis, sweep in zip(axes[0], sweeps, strict=True):
         rows_of_sweep = [r for r in rows if r["sweep"] == sweep]
+        categories = list(dict.fromkeys(str(r["value"]) for r in rows_of_sweep))  # allocation: parts
         for domain, method in dict.fromkeys((r["domain"], r["method"]) for r in rows_of_sweep):
             line = [r for r in rows_of_sweep if (r["domain"], r["method"]) == (domain, method)]
-            x = [float(r["trainable params"] if sweep == "budget" else r["value"]) for r in line]
+            if sweep == "allocation":
+                x = [float(categories.index(str(r["value"]))) for r in line]
+            else:
+                x = [float(r["trainable params"] if sweep == "budget" else r["value"]) for r in line]
             order = sorted(range(len(x)), key=x.__getitem__)
             axis.plot([x[i] for i in order], [line[i]["target WER"] for i in order], marker="o",
-                      color=colors[method], label=f"{method} ({domain})")  # fmt: skip
+                      linestyle=":" if sweep == "allocation" else "-", color=colors[method],
+                      label=f"{method} ({domain})")  # fmt: skip
         axis.set_xlabel(SWEEP_AXES[sweep])
-        if sweep != "split":
+        if sweep == "allocation":
+            axis.set_xticks(range(len(categories)), categories)
+        elif sweep != "split":
             axis.set_xscale("log")
         axis.set_ylabel("target WER %")
         axis.set_title(sweep)
