@@ -31,10 +31,12 @@ from espnet_plugins.modules import build_meta_model
 from espnet_plugins.tasks.s2t import PeftS2TTask
 from ssvd_peft.budget import estimate_budget
 from ssvd_peft.inject import iter_adapter_layers
+from ssvd_peft.registry import get_method
 
 EGS = Path(__file__).resolve().parents[2] / "egs"
 SCRIPTS = EGS / "common" / "pyscripts"
 PEFT_CONF = EGS / "common" / "owsm" / "conf" / "peft"
+SWEEPS_CONF = EGS / "common" / "owsm" / "conf" / "sweeps.yaml"
 RECIPES = ("myst", "l2arctic")
 MODELS = ("owsm_v3.1_ebf", "owsm_v3.1_ebf_small", "owsm_v3.1_ebf_base")
 METHODS = ("lora", "dora", "pissa", "ssvd", "ssvd_o")
@@ -238,7 +240,7 @@ def test_every_method_gets_the_rank_or_k_closest_to_the_reference_blocks_budget(
     rows = budget_rows(out)
     assert rows["ssvd_o"] == {
         "method": "ssvd_o", "knob": "k_ratio", "value": "0.4", "trainable": str(budget),
-        "budget": str(budget),
+        "budget": str(budget), "sweep": "main", "point": "-",
     }  # fmt: skip
     assert yaml.safe_load((out / "ssvd_o.yaml").read_text()) == reference
     for method in ("lora", "dora", "pissa", "ssvd"):
@@ -413,11 +415,15 @@ def test_stage_1_without_a_corpus_names_db_sh(recipe: str, tmp_path: Path) -> No
 
 def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: Path, tmp_path: Path) -> None:
     """All five stages of egs/myst/asr1 on CPU with the tiny model (full fine-tuning, LoRA at SSVD-O's
-    budget and SSVD-O; a few steps each)."""
+    budget and SSVD-O; a few steps each), and one sweep run (SSVD-O on the decoder alone)."""
     write_myst_corpus(tmp_path / "corpus")
+    sweeps_conf = tmp_path / "sweeps.yaml"
+    decoder_only = {"decoder": {"exclude_modules": [r"encoder\..*"]}}
+    sweeps_conf.write_text(yaml.safe_dump({"allocation": {"methods": ["ssvd_o"], "parts": decoder_only}}))
     command = [str(EGS / "myst" / "asr1" / "run.sh"), "--corpus_dir", str(tmp_path / "corpus")]
     command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "full lora ssvd_o"]
     command += ["--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--python", sys.executable]
+    command += ["--sweeps", "allocation", "--sweeps_conf", str(sweeps_conf)]
     command += [
         "--ngpu",
         "0",
@@ -449,17 +455,24 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
         "encoder.encoders.0.feed_forward.w_1.weight"
     ])  # fmt: skip
     test_utts = set(read_keys(tmp_path / "data" / "test" / "text"))
-    for name in ("base", "full", "lora", "ssvd_o"):
+    for name in ("base", "full", "lora", "ssvd_o", "ssvd_o@decoder"):
         assert set(read_keys(exp / "decode" / name / "test" / "text")) == test_utts
     budget = budget_rows(exp / "peft")
     with (exp / "results.csv").open() as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"base", "full", "lora", "ssvd_o"} and rows["base"]["trainable"] == "0"
+    assert set(rows) == {"base", "full", "lora", "ssvd_o", "ssvd_o@decoder"}
+    assert rows["base"]["trainable"] == "0"
     owsm_config = yaml.safe_load((exp / "owsm" / "config.yaml").read_text())
     owsm_model = S2TTask.build_model(argparse.Namespace(**owsm_config))
     assert rows["full"]["trainable"] == f"{sum(p.numel() for p in owsm_model.parameters()):,}"
-    for method in ("lora", "ssvd_o"):
+    for method in ("lora", "ssvd_o", "ssvd_o@decoder"):
         assert rows[method]["trainable"].replace(",", "") == budget[method]["trainable"]
+    assert (rows["ssvd_o@decoder"]["sweep"], rows["ssvd_o@decoder"]["point"]) == ("allocation", "decoder")
+    assert rows["ssvd_o@decoder"]["rank or k"] == f"k {budget['ssvd_o@decoder']['value']}"
+    assert (rows["ssvd_o"]["sweep"], rows["full"]["point"]) == ("-", "-")
+    sweep_state = torch.load(exp / "ssvd_o@decoder" / "valid.acc.ave.pth", weights_only=True)
+    adapter_keys = [key for key in sweep_state if ".peft_adapters." in key]
+    assert adapter_keys and all(key.startswith("decoder.") for key in adapter_keys)
     assert rows["lora"]["rank or k"] == f"rank {budget['lora']['value']}"
     assert (
         rows["ssvd_o"]["rank or k"] == "k_ratio 0.4"
@@ -468,7 +481,7 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
 
     again = run([*command, "--stage", "3"], env_threads=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count(" done (") == 3 and again.stdout.count("decoded, skipped") == 4
+    assert again.stdout.count(" done (") == 4 and again.stdout.count("decoded, skipped") == 5
 
 
 def read_keys(path: Path) -> list[str]:
@@ -493,7 +506,7 @@ def test_hdmole_gets_its_domains_from_utt2domain_and_a_rank_at_the_budget(
     model = build_meta_model(prepared_owsm / "config.yaml", "s2t")
     trainable = estimate_budget(model, "hdmole", **block).trainable
     assert rows[0] == {"method": "hdmole", "knob": "rank", "value": block["rank"], "trainable": trainable,
-                       "budget": 60000}  # fmt: skip
+                       "budget": 60000, "sweep": "main", "point": "-"}  # fmt: skip
     step = estimate_budget(model, "hdmole", **{**block, "rank": block["rank"] + 1}).trainable - trainable
     assert abs(trainable - 60000) <= step
     assert "domains" not in yaml.safe_load((out / "lora.yaml").read_text())["peft_conf"]
@@ -570,3 +583,99 @@ def test_l2arctic_run_trains_hdmole_over_the_first_languages_with_two_ddp_proces
     router = (N_MELS + 1) * 6  # W_g and b_g of the domain router on the encoder's input features
     planned = int(budget_rows(exp / "peft")["hdmole"]["trainable"])
     assert int(rows["hdmole"]["trainable"].replace(",", "")) == planned + router
+
+
+ATTENTION = ("linear_q", "linear_k", "linear_v", "linear_out")
+PARTS = {
+    "encoder": lambda name: name.startswith("encoder."),
+    "decoder": lambda name: name.startswith("decoder."),
+    "attention": lambda name: name.rsplit(".", 1)[-1] in ATTENTION,
+    "feed_forward": lambda name: name.rsplit(".", 1)[-1] in ("w_1", "w_2"),
+}
+
+
+def knob_step(model: torch.nn.Module, method: str, conf: dict, knob: str, value: int) -> int:
+    """The largest change of the trainable count one step of ``knob`` away from ``value``."""
+    count = estimate_budget(model, method, **{**conf, knob: value}).trainable
+    steps = []
+    for other in (value - 1, value + 1):
+        try:
+            steps.append(abs(estimate_budget(model, method, **{**conf, knob: other}).trainable - count))
+        except Exception:  # a value the layers do not allow (0, or k above min(in, out))
+            continue
+    return max(steps)
+
+
+def test_sweeps_add_runs_at_their_budgets_outer_shares_and_parts(prepared_owsm: Path, tmp_path: Path) -> None:
+    """The three sweeps of conf/sweeps.yaml on the tiny model, every method at SSVD-O's budget."""
+    points = equal_budget.sweep_points(SWEEPS_CONF, ["budget", "split", "allocation"])
+    out = tmp_path / "peft"
+    equal_budget.write_blocks(
+        prepared_owsm / "config.yaml", PEFT_CONF, ["lora", "ssvd_o"], "ssvd_o", out, None, points
+    )
+    rows = budget_rows(out)
+    assert list(rows) == [
+        "lora", "ssvd_o", "lora@x0.25", "ssvd_o@x0.25", "lora@x4", "ssvd_o@x4", "ssvd_o@outer0.0",
+        "ssvd_o@outer0.125", "ssvd_o@outer0.5", "lora@encoder", "ssvd_o@encoder", "lora@decoder",
+        "ssvd_o@decoder", "lora@attention", "ssvd_o@attention", "lora@feed_forward", "ssvd_o@feed_forward",
+    ]  # fmt: skip
+    model = build_meta_model(prepared_owsm / "config.yaml", "s2t")
+    budget = int(rows["ssvd_o"]["trainable"])
+    main = {m: yaml.safe_load((out / f"{m}.yaml").read_text())["peft_conf"] for m in ("lora", "ssvd_o")}
+    everywhere = {module.name for module in estimate_budget(model, "lora", **main["lora"]).modules}
+    for name, row in list(rows.items())[2:]:
+        block = yaml.safe_load((out / f"{name}.yaml").read_text())
+        method, conf = block["peft"], block["peft_conf"]
+        assert name.startswith(f"{method}@")
+        report = estimate_budget(model, method, **conf)
+        assert int(row["trainable"]) == report.trainable
+        if row["sweep"] == "split":
+            # the main block's k_ratio (its k on every layer), only the split of the rotations changed
+            assert conf == {**main["ssvd_o"], "outer_share": float(row["point"])}
+            assert (row["knob"], row["value"], row["budget"]) == ("k_ratio", "0.4", str(budget))
+            outer = sum(module.split.outer for module in report.modules)
+            assert (outer == 0) == (row["point"] == "0.0")
+            continue
+        factor = float(row["point"][1:]) if row["sweep"] == "budget" else 1.0
+        target = round(factor * budget)
+        assert int(row["budget"]) == target and row["knob"] == get_method(method).knob
+        value = int(row["value"])
+        assert conf[row["knob"]] == value
+        assert abs(report.trainable - target) <= knob_step(model, method, conf, row["knob"], value)
+        adapted = {module.name for module in report.modules}
+        if row["sweep"] == "allocation":
+            assert adapted == {module for module in everywhere if PARTS[row["point"]](module)}
+            assert {part for part in ("encoder", "decoder") if any(PARTS[part](m) for m in adapted)} == (
+                {row["point"]} if row["point"] in ("encoder", "decoder") else {"encoder", "decoder"}
+            )
+        else:
+            assert adapted == everywhere
+    assert int(rows["lora@x4"]["value"]) > int(rows["lora"]["value"])
+    assert int(rows["ssvd_o@x0.25"]["value"]) < int(rows["ssvd_o@x4"]["value"])
+
+
+def test_an_unknown_sweep_an_unreachable_factor_and_a_sweep_method_not_run_are_refused(
+    prepared_owsm: Path, tmp_path: Path
+) -> None:
+    def equal_budget_cli(methods: str, budget: str, *sweeps: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "owsm.equal_budget", "--config", str(prepared_owsm / "config.yaml")]
+        command += ["--peft_conf_dir", str(PEFT_CONF), "--methods", methods, "--budget", budget]
+        return run([*command, "--out_dir", str(tmp_path / "peft"), *sweeps])
+
+    result = equal_budget_cli("lora ssvd_o", "ssvd_o", "--sweeps", "budget nosuchsweep")
+    assert result.returncode == 1
+    assert f"no sweep 'nosuchsweep' in {SWEEPS_CONF} (it has budget, split, allocation)" in result.stderr
+    far = tmp_path / "far.yaml"
+    far.write_text(yaml.safe_dump({"budget": {"methods": ["lora", "ssvd_o"], "factors": [4, 1000]}}))
+    result = equal_budget_cli("lora ssvd_o", "ssvd_o", "--sweeps", "budget", "--sweeps_conf", str(far))
+    assert result.returncode == 1
+    assert "lora@x1000: lora: the budget of" in result.stderr and "is out of reach" in result.stderr
+    result = equal_budget_cli("ssvd_o", "ssvd_o", "--sweeps", "split allocation")
+    assert result.returncode == 1
+    assert "sweep allocation: lora is not among --methods (ssvd_o)" in result.stderr
+    result = equal_budget_cli("lora ssvd_o", "none", "--sweeps", "split")
+    assert result.returncode == 1 and "give --budget a method or a number" in result.stderr
+    assert not (tmp_path / "peft").exists()
+    result = equal_budget_cli("ssvd_o", "ssvd_o", "--sweeps", "split")
+    assert result.returncode == 0, result.stderr
+    assert "ssvd_o@outer0.125 k_ratio = 0.4" in result.stdout

@@ -12,6 +12,10 @@
 #   stage 4  decode      the base model (zero-shot) and each method on ${test_sets} (and --source_test)
 #                        -> ${exp}/decode/<base|method>/<set>/text
 #   stage 5  score       WER per model and test set (per domain; forgetting on source) -> ${exp}/results.{md,csv}
+# --sweeps "budget split allocation" adds the SSVD-O paper's sweeps (--sweeps_conf, default
+# egs/common/owsm/conf/sweeps.yaml): stage 3 writes each point as one more run, ${exp}/peft/<run>.yaml
+# and a budget.csv row (lora@x4, ssvd_o@outer0.5, lora@encoder, ...), and stages 3-5 train, decode and
+# score those runs like the PEFT methods.
 # Nothing is downloaded: --owsm_dir is a local copy of the pretrained model (e.g. espnet/owsm_v3.1_ebf).
 set -euo pipefail
 
@@ -26,6 +30,8 @@ peft_conf_dir=""     # default: egs/common/owsm/conf/peft
 budget=ssvd_o        # one budget for every PEFT method (owsm/equal_budget.py): what this method's block
                      # trains as written, a number of trainable parameters, or none (blocks as written)
 full_conf=""         # full fine-tuning's own options; default: egs/common/owsm/conf/full.yaml
+sweeps=""            # sweeps of ${sweeps_conf} run on top of --methods: any of budget, split, allocation
+sweeps_conf=""       # default: egs/common/owsm/conf/sweeps.yaml
 decode_config=""     # default: egs/common/owsm/conf/decode.yaml
 ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1), or per process with --train_launcher
 train_launcher=""    # a launcher put before the trainer, one process per GPU (ESPnet's DDP reads RANK,
@@ -48,6 +54,7 @@ log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') ($(basename "$0"):${BASH_LINENO[0]}) 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_small|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
+          [--sweeps "budget split allocation"] [--sweeps_conf FILE]
           [--ngpu N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--inference_ngpu N] [--inference_nj N]
           [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
           [--peft_conf_dir DIR] [--decode_config FILE] [--data D] [--exp E] [--python P]'
@@ -57,6 +64,7 @@ help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1
 peft_conf_dir=${peft_conf_dir:-${COMMON_ROOT}/owsm/conf/peft}
 decode_config=${decode_config:-${COMMON_ROOT}/owsm/conf/decode.yaml}
 full_conf=${full_conf:-${COMMON_ROOT}/owsm/conf/full.yaml}
+sweeps_conf=${sweeps_conf:-${COMMON_ROOT}/owsm/conf/sweeps.yaml}
 exp=${exp:-exp/${model}}
 owsm=${exp}/owsm
 [ -n "${train_set}" ] && [ -n "${valid_set}" ] && [ -n "${test_sets}" ] \
@@ -69,6 +77,10 @@ for method in ${methods}; do
     peft_methods+="${method} "
 done
 [ -f "${full_conf}" ] || die "no full fine-tuning options ${full_conf} (--full_conf)"
+if [ -n "${sweeps}" ]; then
+    [ -f "${sweeps_conf}" ] || die "no sweeps file ${sweeps_conf} (--sweeps_conf)"
+    [ -n "${peft_methods}" ] || die "--sweeps ${sweeps} varies PEFT methods of --methods; --methods has none"
+fi
 
 # s2t_data_args PREFIX DATA_DIR: ESPnet's S2T inputs (speech, target, prompt, CTC target) and shape file.
 s2t_data_args() {
@@ -83,6 +95,20 @@ s2t_data_args() {
 exact_merge() {
     ${python} -c 'import sys, yaml; from ssvd_peft.registry import get_method
 sys.exit(0 if get_method(yaml.safe_load(open(sys.argv[1]))["peft"]).exact_merge else 1)' "$1"
+}
+
+# sweep_methods: the run names of the sweeps --sweeps names, from ${exp}/peft/budget.csv (stage 3);
+# use it as runs=$(sweep_methods), so that its error stops the script.
+sweep_methods() {
+    [ -n "${sweeps}" ] || return 0
+    [ -f "${exp}/peft/budget.csv" ] || die "no ${exp}/peft/budget.csv: run stage 3 with --sweeps \"${sweeps}\""
+    ${python} -c 'import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], encoding="utf-8")))
+for sweep in sys.argv[2].split():
+    runs = [row["method"] for row in rows if row.get("sweep") == sweep]
+    if not runs:
+        sys.exit(f"{sys.argv[3]}: error: no run of sweep {sweep} in {sys.argv[1]}: run stage 3 with --sweeps {sweep}")
+    print(*runs)' "${exp}/peft/budget.csv" "${sweeps}" "$(basename "$0")"
 }
 
 # run_logged LOG COMMAND...: COMMAND with its output in LOG; on failure, the end of LOG.
@@ -121,9 +147,10 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
         log "Stage 3: PEFT blocks at budget ${budget} -> ${exp}/peft/budget.csv"
         ${python} -m owsm.equal_budget --config "${owsm}/config.yaml" --peft_conf_dir "${peft_conf_dir}" \
             --methods "${peft_methods}" --budget "${budget}" --out_dir "${exp}/peft" \
-            --utt2domain "${data}/${train_set}/utt2domain"
+            --utt2domain "${data}/${train_set}/utt2domain" --sweeps "${sweeps}" --sweeps_conf "${sweeps_conf}"
     fi
-    for method in ${methods}; do
+    sweep_runs=$(sweep_methods)
+    for method in ${methods} ${sweep_runs}; do
         dir=${exp}/${method}
         if [ -e "${dir}/valid.acc.ave.pth" ]; then
             log "Stage 3: ${method} done (${dir}/valid.acc.ave.pth), skipped"
@@ -194,7 +221,8 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
         return ${failed}
     }
     decode base espnet2.bin.s2t_inference "${owsm}/config.yaml" "${owsm}/model.pth"
-    for method in ${methods}; do
+    sweep_runs=$(sweep_methods)
+    for method in ${methods} ${sweep_runs}; do
         [ -e "${exp}/${method}/valid.acc.ave.pth" ] || die "no ${exp}/${method}/valid.acc.ave.pth: run stage 3"
         if [ "${method}" = full ]; then
             decode full espnet2.bin.s2t_inference "${exp}/full/config.yaml" "${exp}/full/valid.acc.ave.pth"
@@ -212,7 +240,8 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
     sets=""
     for set in ${set_names}; do sets+="${set}=${test_dirs[${set}]} "; done
     log "Stage 5: WER -> ${exp}/results.md, ${exp}/results.csv"
-    ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods}"
+    sweep_runs=$(sweep_methods)
+    ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods} ${sweep_runs}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

@@ -11,8 +11,10 @@ languages) also gets one WER per domain. With a
 set named ``source`` (speech of the kind the base model was trained on), ``forgetting`` is the
 source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.json``
 of each PEFT run (full fine-tuning: every parameter of the model its config.yaml builds), the rank
-or k of each PEFT run from its config.yaml. Writes ``<exp>/results.md`` and
-``<exp>/results.csv``.
+or k of each PEFT run from its config.yaml. A run of a sweep (stage 3's ``--sweeps``: a row of
+``<exp>/peft/budget.csv`` whose sweep is not ``main``) is scored like the others; when there is
+one, the columns ``sweep`` and ``point`` (budget / x4, split / 0.5, allocation / encoder; ``-``
+for the other runs) follow ``model``. Writes ``<exp>/results.md`` and ``<exp>/results.csv``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from markdown_table import markdown_table
 from scoring import error_rates
 
 BASE = "base"
+MAIN = "main"  # the sweep of budget.csv's main runs
 SOURCE = "source"
 SPECIAL_TOKEN = re.compile(r"<[^<>\s]*>")
 
@@ -87,13 +90,27 @@ def knob_setting(run_dir: Path) -> str:
     return "{} {}".format(*block_knob(config["peft"], config.get("peft_conf") or {}))
 
 
+def sweep_points(exp: Path) -> dict[str, tuple[str, str]]:
+    """{run name: (sweep, point)} of the sweep runs of ``<exp>/peft/budget.csv`` (stage 3)."""
+    budget_csv = exp / "peft" / "budget.csv"
+    if not budget_csv.is_file():
+        return {}
+    with budget_csv.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {row["method"]: (row["sweep"], row["point"]) for row in rows if row.get("sweep", MAIN) != MAIN}
+
+
 def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
+    points = {name: point for name, point in sweep_points(exp).items() if name in names}
     for name in names:
         trainable, knob = (
             ("0", "-") if name == BASE else (trainable_parameters(exp / name), knob_setting(exp / name))
         )
-        row: dict[str, object] = {"model": name, "trainable": trainable, "rank or k": knob}
+        row: dict[str, object] = {"model": name}
+        if points:
+            row["sweep"], row["point"] = points.get(name, ("-", "-"))
+        row.update({"trainable": trainable, "rank or k": knob})
         for set_name, data_dir in sets.items():
             refs = references(data_dir)
             hyp_file = exp / "decode" / name / set_name / "text"
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exp", type=Path, required=True, help="dir with decode/<name>/<set>/text")
     parser.add_argument("--sets", required=True, help="name=data_dir pairs, e.g. 'test=data/test'")
-    parser.add_argument("--names", required=True, help="decoded models: base and the methods")
+    parser.add_argument("--names", required=True, help="decoded models: base, the methods, the sweep runs")
     args = parser.parse_args(argv)
     try:
         rows = result_rows(args.exp, parse_sets(args.sets), args.names.split())
