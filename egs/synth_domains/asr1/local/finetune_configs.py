@@ -29,8 +29,9 @@ Runs (one line each in ``runs.tsv``, see local/runs.py):
   on each domain and each out-of-distribution domain: what a user would train instead of merging;
 - sweep ``budget``: methods at the budgets of the reference method at other ranks or k
   (``<domain>/<method>@b<value>``);
-- sweep ``split``: SSVD-O with other inner/outer splits of its rotations (``outer_share``), its k
-  chosen again for budget B (``<domain>/ssvd_o@outer<value>``);
+- sweep ``split``: SSVD-O with other inner/outer splits of its rotations (``outer_share``) at the main
+  run's k (``<domain>/ssvd_o@outer<value>``; the count moves by the rounding of each side's
+  k_side (k_side - 1) / 2 share of the rotation budget);
 - sweep ``allocation``: methods with their adapters on one part of the model only (``sweeps.allocation
   .parts``: a part's options over the method's, e.g. ``exclude_modules`` or ``target_modules``), the
   rank or k chosen again for budget B, so the same total goes to fewer layers
@@ -326,11 +327,10 @@ class Planner:
         if "allocation" in sweeps:
             configs += self.allocation_configs(spec["allocation"])
         if "split" in sweeps:
-            budget = reference_budget(self.model, self.adapters)
+            main = yaml.safe_load((self.out_dir / "ssvd_o.yaml").read_text())["peft_conf"]
             for share in spec["split"]["outer_share"]:
-                options = {**method_options(self.adapters, "ssvd_o", self.domains), "outer_share": share}
-                match = budget_matches(self.model, budget, {"ssvd_o": options})["ssvd_o"]
-                config, _ = self.peft_config(f"ssvd_o@outer{share}", options, match)
+                block = {**main, "outer_share": share}  # the main k: only the rotations' split moves
+                config = self.write_config(f"ssvd_o@outer{share}", "ssvd_o", block)
                 configs.append(("ssvd_o", "split", str(share), config))
         for domain in domains:
             for method, sweep, value, config in configs:
