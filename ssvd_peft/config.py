@@ -43,7 +43,8 @@ class AdapterConfig:
         default_factory=list,
     )
     exclude_modules: list[str] = option(
-        "module names never to adapt, in the same syntax", default_factory=list
+        "module names never to adapt, in the same syntax (each must match some module of the model)",
+        default_factory=list,
     )
     module_overrides: dict[str, dict[str, Any]] = option(
         "per-module option changes: {pattern: {option: value}}, applied in order",

@@ -84,6 +84,14 @@ def find_target_layers(model: nn.Module, config: AdapterConfig) -> dict[str, nn.
                 f"Adapters wrap nn.Linear layers; target the Linear layers inside them.{hint}"
             )
         targets.update(linear)
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in config.exclude_modules:
+        if not any(matches(pattern, name) for name in names):
+            raise PeftConfigError(
+                f"exclude pattern {pattern!r} matches no module of {type(model).__name__}, so it excludes "
+                "nothing. Use a dot-suffix of a module name (linear_q) or a regex for the full name "
+                r"(decoder\..* for every module under decoder)."
+            )
     targets = {
         name: module
         for name, module in candidates.items()

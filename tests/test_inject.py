@@ -187,6 +187,7 @@ FAILURES = {
         module_overrides={r"decoder\.decoders\.1\..*": {"rank": 17}},
     ),
     "everything excluded": dict(target_modules=["linear_q"], exclude_modules=["linear_q"]),
+    "exclude pattern matching no module": dict(target_modules=["linear_q"], exclude_modules=[r"decoder\."]),
     "non-linear target after linear ones": dict(target_modules=["linear_q", "after_norm"]),
 }
 
@@ -198,6 +199,14 @@ def test_a_failed_injection_leaves_the_model_exactly_as_it_was(failure, tiny_asr
         inject_adapters(tiny_asr, "pissa", **FAILURES[failure])
     assert_unchanged(tiny_asr, before)
     assert not any(isinstance(module, AdapterLinear) for module in tiny_asr.modules())
+
+
+def test_an_exclude_pattern_that_matches_no_module_is_refused_with_the_full_name_rule(tiny_asr):
+    """A regex must match a whole module name: "decoder\\." matches none, so it would exclude nothing."""
+    with pytest.raises(PeftConfigError, match=r"exclude pattern 'decoder\\\\.' matches no module.*decoder"):
+        inject_adapters(tiny_asr, "lora", target_modules=["linear_q"], exclude_modules=[r"decoder\."])
+    report = inject_adapters(tiny_asr, "lora", target_modules=["linear_q"], exclude_modules=["ctc_lo"])
+    assert report.modules  # a pattern naming a module that is not a target is harmless
 
 
 def test_a_failed_second_adapter_leaves_the_first_one_as_it_was(tiny_asr, asr_inputs):
