@@ -216,7 +216,7 @@ def test_run_sh_refuses_unknown_options_and_a_missing_corpus_dir(tmp_path: Path)
     assert "usage:" in unknown.stderr
     no_corpus = run([str(RECIPE / "run.sh"), "--stop_stage", "1", "--data", str(tmp_path / "data")])
     assert no_corpus.returncode == 1
-    assert "stage 1 needs --corpus_dir" in no_corpus.stderr
+    assert "set it in the recipe's db.sh or pass --corpus_dir" in no_corpus.stderr
 
 
 def test_espnets_test_filter_list_selects_its_utterances_of_test(prepared, tmp_path: Path) -> None:
