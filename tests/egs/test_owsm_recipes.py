@@ -427,15 +427,15 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
     command += [
         "--ngpu",
         "0",
-        "--inference_ngpu",
-        "0",
+        "--gpu_inference",
+        "false",
         "--inference_nj",
         "2",
         "--inference_args",
         "--maxlenratio 0.01",
     ]
     command += [
-        "--train_args",
+        "--s2t_args",
         "--use_amp false --num_workers 0 --max_epoch 1 --num_iters_per_epoch 2 --batch_size 2",
     ]
     result = run(command, env_threads=True)
@@ -557,10 +557,10 @@ def test_l2arctic_run_trains_hdmole_over_the_first_languages_with_two_ddp_proces
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 --no-python"
     command = [str(EGS / "l2arctic" / "asr1" / "run.sh"), "--corpus_dir", str(tmp_path / "corpus")]
     command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "hdmole"]
-    command += ["--budget", "60000", "--train_launcher", launcher, "--ngpu", "0", "--inference_ngpu", "0"]
+    command += ["--budget", "60000", "--train_launcher", launcher, "--ngpu", "0", "--gpu_inference", "false"]
     command += ["--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--python", sys.executable]
     command += ["--local_data_opts", f"--audio_dir {tmp_path / 'audio'} --nj 2"]
-    command += ["--inference_nj", "2", "--inference_args", "--maxlenratio 0.01", "--train_args"]
+    command += ["--inference_nj", "2", "--inference_args", "--maxlenratio 0.01", "--s2t_args"]
     command += ["--use_amp false --num_workers 0 --max_epoch 1 --num_iters_per_epoch 2 --batch_size 4 "
                 "--dist_backend gloo"]  # fmt: skip
     result = run(command, env_threads=True)

@@ -16,6 +16,10 @@
 # egs/common/owsm/conf/sweeps.yaml): stage 3 writes each point as one more run, ${exp}/peft/<run>.yaml
 # and a budget.csv row (lora@x4, ssvd_o@outer0.5, lora@encoder, ...), and stages 3-5 train, decode and
 # score those runs like the PEFT methods.
+# Options shared with ESPnet's egs2/TEMPLATE/s2t1/s2t.sh carry its names (train_set, valid_set,
+# test_sets, local_data_opts, ngpu, s2t_args, inference_config, inference_args, inference_nj,
+# gpu_inference, inference_s2t_model); the trainer is the plugin's espnet_plugins.bin.s2t_train in
+# place of espnet2.bin.s2t_train (full fine-tuning: the stock one).
 # Nothing is downloaded: --owsm_dir is a local copy of the pretrained model (e.g. espnet/owsm_v3.1_ebf).
 set -euo pipefail
 
@@ -32,19 +36,20 @@ budget=ssvd_o        # one budget for every PEFT method (owsm/equal_budget.py): 
 full_conf=""         # full fine-tuning's own options; default: egs/common/owsm/conf/full.yaml
 sweeps=""            # sweeps of ${sweeps_conf} run on top of --methods: any of budget, split, allocation
 sweeps_conf=""       # default: egs/common/owsm/conf/sweeps.yaml
-decode_config=""     # default: egs/common/owsm/conf/decode.yaml
+inference_config=""  # default: egs/common/owsm/conf/decode.yaml
 ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1), or per process with --train_launcher
 train_launcher=""    # a launcher put before the trainer, one process per GPU (ESPnet's DDP reads RANK,
                      # WORLD_SIZE and LOCAL_RANK), e.g. "torchrun --nproc_per_node 4 --no-python"; on
-                     # several nodes: "srun --ntasks-per-node 4" with --train_args "--dist_launcher slurm"
-inference_ngpu=1     # GPUs per decoding job
+                     # several nodes: "srun --ntasks-per-node 4" with --s2t_args "--dist_launcher slurm"
+gpu_inference=true   # decoding on one GPU per job (false: on the CPU)
+inference_s2t_model=valid.acc.ave.pth  # the model file of each run that stage 4 decodes
 inference_nj=1       # decoding jobs per model and test set, run at once
 source_test=""       # optional Kaldi-style dir (wav.scp, text or text.ctc) of the base model's own domain
 train_set=""
 valid_set=""
 test_sets=""
 local_data_opts=""   # extra options of local/data_prep.py
-train_args=""        # extra options of espnet_plugins.bin.s2t_train, e.g. "--max_epoch 5"
+s2t_args=""          # extra options of espnet_plugins.bin.s2t_train, e.g. "--max_epoch 5"
 inference_args=""    # extra options of the s2t_inference programs
 data=data
 exp=""               # default exp/${model}
@@ -55,14 +60,19 @@ die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_small|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
           [--sweeps "budget split allocation"] [--sweeps_conf FILE]
-          [--ngpu N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--inference_ngpu N] [--inference_nj N]
-          [--source_test DIR] [--train_args "..."] [--inference_args "..."] [--local_data_opts "..."]
-          [--peft_conf_dir DIR] [--decode_config FILE] [--data D] [--exp E] [--python P]'
+          [--ngpu N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--gpu_inference true|false] [--inference_nj N]
+          [--source_test DIR] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
+          [--peft_conf_dir DIR] [--inference_config FILE] [--inference_s2t_model FILE] [--data D] [--exp E] [--python P]'
 
 . ./path.sh
 . "${COMMON_ROOT}/parse_options.sh"
 peft_conf_dir=${peft_conf_dir:-${COMMON_ROOT}/owsm/conf/peft}
-decode_config=${decode_config:-${COMMON_ROOT}/owsm/conf/decode.yaml}
+inference_config=${inference_config:-${COMMON_ROOT}/owsm/conf/decode.yaml}
+case "${gpu_inference}" in
+    true) inference_ngpu=1 ;;
+    false) inference_ngpu=0 ;;
+    *) die "--gpu_inference is true or false, not ${gpu_inference}" ;;
+esac
 full_conf=${full_conf:-${COMMON_ROOT}/owsm/conf/full.yaml}
 sweeps_conf=${sweeps_conf:-${COMMON_ROOT}/owsm/conf/sweeps.yaml}
 exp=${exp:-exp/${model}}
@@ -174,7 +184,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
         run_logged "${dir}/train.log" ${train_launcher} ${python} -m ${trainer} --config "${exp}/conf/${method}.yaml" \
             --output_dir "${dir}" --ngpu "${ngpu}" ${distributed} --resume true \
             $(s2t_data_args train "${data}/${train_set}") $(s2t_data_args valid "${data}/${valid_set}") \
-            ${labels} ${train_args}
+            ${labels} ${s2t_args}
     done
 fi
 
@@ -205,7 +215,7 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
             cut -d' ' -f1 "${test_dirs[${set}]}/wav.scp" | split -n "r/${nj}" -d -a 3 - "${out}/split/keys."
             for keys in "${out}"/split/keys.*; do
                 job=${keys##*.}
-                run_logged "${out}/split/${job}/decode.log" ${python} -m "${module}" --config "${decode_config}" \
+                run_logged "${out}/split/${job}/decode.log" ${python} -m "${module}" --config "${inference_config}" \
                     --s2t_train_config "${config}" --s2t_model_file "${model_file}" \
                     --data_path_and_name_and_type "${test_dirs[${set}]}/wav.scp,speech,sound" \
                     --key_file "${keys}" --output_dir "${out}/split/${job}" --ngpu "${inference_ngpu}" \
@@ -223,16 +233,16 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     decode base espnet2.bin.s2t_inference "${owsm}/config.yaml" "${owsm}/model.pth"
     sweep_runs=$(sweep_methods)
     for method in ${methods} ${sweep_runs}; do
-        [ -e "${exp}/${method}/valid.acc.ave.pth" ] || die "no ${exp}/${method}/valid.acc.ave.pth: run stage 3"
+        [ -e "${exp}/${method}/${inference_s2t_model}" ] || die "no ${exp}/${method}/${inference_s2t_model}: run stage 3"
         if [ "${method}" = full ]; then
-            decode full espnet2.bin.s2t_inference "${exp}/full/config.yaml" "${exp}/full/valid.acc.ave.pth"
+            decode full espnet2.bin.s2t_inference "${exp}/full/config.yaml" "${exp}/full/${inference_s2t_model}"
             continue
         fi
         # adapters folded into the weights where that is exact; HDMoLE's routing stays per utterance
         merge="--peft_merge true"
         exact_merge "${exp}/${method}/config.yaml" || merge=""
         decode "${method}" espnet_plugins.bin.s2t_inference "${exp}/${method}/config.yaml" \
-            "${exp}/${method}/valid.acc.ave.pth" "${merge}"
+            "${exp}/${method}/${inference_s2t_model}" "${merge}"
     done
 fi
 
