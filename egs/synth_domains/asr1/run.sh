@@ -38,7 +38,13 @@
 #                                                                    else the profile's committed conf/asr/<profile>/frozen.yaml)
 #                 [--seeds N]                                       (seeds per main run; default: the profile's default_seeds)
 set -euo pipefail
-command_line="./$(basename "$0") $*"  # into the report of stage 10
+command_line="./$(basename "$0")"  # into the report of stage 10, a value with spaces in quotes
+for arg in "$@"; do
+    case "${arg}" in
+        *[[:space:]]*) command_line+=" \"${arg}\"" ;;
+        *) command_line+=" ${arg}" ;;
+    esac
+done
 
 stage=1
 stop_stage=100
