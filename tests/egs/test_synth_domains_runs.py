@@ -377,19 +377,21 @@ def test_frozen_rates_set_every_config_of_their_method(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "has no frozen rate for dora" in missing.stderr
 
 
-def test_seed_runs_repeat_every_main_run_at_the_next_seeds_and_nothing_else(tmp_path: Path) -> None:
+def test_seed_runs_repeat_every_main_and_joint_run_at_the_next_seeds_and_nothing_else(tmp_path: Path) -> None:
     import freeze
 
     frozen = freeze.write_frozen(
         {"scores": {}, "choices": {"full": 1e-4, "lora": 7e-4, "hdmole": 2e-3}}, tmp_path
     )
-    result = plan_runs(tmp_path, "full lora hdmole", "budget", "--seeds", "3", "--frozen", str(frozen))
+    options = ("--seeds", "3", "--frozen", str(frozen), "--joint_methods", "full")
+    result = plan_runs(tmp_path, "full lora hdmole", "budget", *options)
     assert result.returncode == 0, result.stderr
     conf = tmp_path / "conf"
     runs = {line.split("\t")[0]: line.split("\t") for line in (conf / "runs.tsv").read_text().splitlines()}
-    main = [name for name, line in runs.items() if line[2] == "main"]
+    repeated = [name for name, line in runs.items() if line[2] in ("main", "joint")]
+    assert "all/full" in repeated and "all/hdmole" in repeated
     seeded = {name: line for name, line in runs.items() if line[2] == "seed"}
-    assert sorted(seeded) == sorted(f"{name}@seed{i}" for name in main for i in (1, 2))
+    assert sorted(seeded) == sorted(f"{name}@seed{i}" for name in repeated for i in (1, 2))
     finetune_seed = yaml.safe_load((RECIPE / "conf" / "asr" / "ci" / "finetune.yaml").read_text())["seed"]
     for name, line in seeded.items():
         main_line = runs[name.rsplit("@", 1)[0]]

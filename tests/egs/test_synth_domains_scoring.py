@@ -173,6 +173,20 @@ def test_a_cell_is_the_mean_over_its_seeds_with_intervals_and_each_seed_has_its_
     assert shown["target WER"] == "25.0 [16.67, 33.33]" and "target WER 95% low" not in shown
 
 
+def test_a_joint_run_and_its_seeds_stay_out_of_the_per_domain_cells() -> None:
+    from runs import Run
+
+    runs = [
+        Run("child/lora", "lora", "main", "-", "l.yaml", "", "", ["child"]),
+        Run("all/lora", "lora", "joint", "-", "l.yaml", "", "", ["accent", "child"]),
+        Run("all/lora@seed1", "lora", "seed", "1", "l@seed1.yaml", "", "", ["accent", "child"]),
+        Run("child/lora@seed1", "lora", "seed", "1", "l@seed1.yaml", "", "", ["child"]),
+    ]
+    assert {method: [run.name for run in cell] for method, cell in score.cells(runs, "child").items()} == {
+        "lora": ["child/lora", "child/lora@seed1"]
+    }
+
+
 def test_paired_differences_average_each_system_over_its_seeds(tmp_path: Path) -> None:
     """full: every child word right at both seeds; lora: one wrong word of six, at one seed of two (WER
     8.3 on average): lora worse than full by 8.3 points, with the seeds of each named."""

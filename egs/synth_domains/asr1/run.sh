@@ -16,15 +16,19 @@
 #   stage 10 score              WER, CER, forgetting, cost per (domain, method) over seeds, paired differences,
 #                               HDMoLE's routing   -> ${exp}/{results,differences,hdmole_routing}.{md,csv}, .png,
 #                               and the report of them all -> ${exp}/report.md
-#   stage 11 merge              per-domain models of each kind merged into one, knobs on dev -> ${exp}/merged/<kind>/<algorithm>/
+#   stage 11 merge              per-domain models of each kind merged into one, at each seed, knobs chosen on dev
+#                               and frozen first (--tune true, or no ${exp}/frozen/merging/current.yaml: a dev
+#                               search on seed 0's runs) -> ${exp}/frozen/merging/, ${exp}/merged/<kind>/<algorithm>/
 #   stage 12 decode merges      every merged model on every target test, the OOD tests, source -> ${exp}/decode/merged/
-#   stage 13 score merges       merged vs base, per-domain, joint and HDMoLE models    -> ${exp}/merging.{md,csv}, .png
+#                               (refused for a merge not made at its frozen knobs)
+#   stage 13 score merges       merged vs base, per-domain, joint and HDMoLE models over seeds, paired differences
+#                               -> ${exp}/merging{,_differences}.{md,csv}, ${exp}/merging_lambda.png
 #   stage 14 layer analysis     a fusion head on each single tap of the frozen base, dev WER/CER -> ${exp}/layers/
 # Stages 5-10 read ${data}/source_{train,dev,test} and, for each domain d in ${data}/target_domains.txt
 # (synthetic and user-given), ${data}/${d}_{adapt,dev,test}; ${data}/ood_domains.txt lists domains that are
 # only tested (out of distribution: the base and every model for all domains are decoded on them).
-# Stages 11-13 run with --merging true (with it, stage 8 also trains each of merging.joint_methods on every
-# domain together). Model configs: conf/asr/<profile>/.
+# Stages 11-13 run with --merging true (with it, stage 8 also trains each of merging.joint_methods that --methods
+# lists on every domain together). Model configs: conf/asr/<profile>/.
 # Usage: ./run.sh [--stage N] [--stop_stage M] [--profile ci|quick|full] [--nj J]
 #                 [--target_data_dirs "accent=/path child=/path"]   (each path holds adapt/ and test/, dev/ optional)
 #                 [--data D] [--synth S] [--exp E] [--python P]      (relative paths are relative to this directory)
@@ -35,8 +39,9 @@
 #                 [--merging true|false]                            (default: the profile's default_merging)
 #                 [--layer_analysis true|false]                     (default: the profile's default_layer_analysis)
 #                 [--tune true|false] [--frozen F]                  (default: the profile's default_tune; F: ${exp}/frozen/current.yaml,
-#                                                                    else the profile's committed conf/asr/<profile>/frozen.yaml)
-#                 [--seeds N]                                       (seeds per main run; default: the profile's default_seeds)
+#                                                                    else the profile's committed conf/asr/<profile>/frozen.yaml;
+#                                                                    --tune true also chooses the merge knobs again in stage 11)
+#                 [--seeds N]                                       (seeds per main, joint run and merge; default: the profile's default_seeds)
 set -euo pipefail
 command_line="./$(basename "$0")"  # into the report of stage 10, a value with spaces in quotes
 for arg in "$@"; do
@@ -227,7 +232,9 @@ if [ ${stage} -le 8 ] && [ ${stop_stage} -ge 8 ]; then
     log "Stage 8: fine-tuning configs (every PEFT method at the same budget) and runs -> ${runs}"
     joint_methods=""
     if [ "${merging}" = true ]; then
-        joint_methods=$(${python} -m yaml_get "${asr_conf}/adapters.yaml" merging.joint_methods)
+        for method in $(${python} -m yaml_get "${asr_conf}/adapters.yaml" merging.joint_methods); do
+            if [[ " ${methods} " == *" ${method} "* ]]; then joint_methods+="${method} "; fi  # of --methods only
+        done
     fi
     plan() {  # plan [--tune | --frozen FILE]: the configs and ${runs}
         ${python} local/finetune_configs.py --base_config "$(dirname "${base_model}")/config.yaml" \
@@ -387,12 +394,16 @@ fi
 
 merged_dir=${exp}/merged
 merges=${merged_dir}/merges.tsv
+frozen_merging=${frozen_dir}/merging/current.yaml
 if [ "${merging}" = true ] && [ ${stage} -le 11 ] && [ ${stop_stage} -ge 11 ]; then
-    log "Stage 11: merge the per-domain models of each kind, knobs chosen on the in-domain dev sets -> ${merged_dir}"
     ${python} local/derived_data_dirs.py combine "${data}/combined/dev" $(printf "${data}/%s_dev " ${domains})
     mkdir -p "${merged_dir}"
-    ${python} local/merge_plan.py --adapters "${asr_conf}/adapters.yaml" --runs "${runs}" --domains "${domains}" \
-        --exp "${exp}" --dev "${data}/combined/dev" --out "${merges}"
+    plan_merges() {  # plan_merges OUT --tune | --frozen F --seeds N: local/merge_plan.py's merges file
+        local out=$1
+        shift
+        ${python} local/merge_plan.py --adapters "${asr_conf}/adapters.yaml" --runs "${runs}" --domains "${domains}" \
+            --exp "${exp}" --dev "${data}/combined/dev" --out "${out}" "$@"
+    }
     merge() {  # merge NAME OPTIONS: espnet_plugins.bin.merge_models into ${exp}/NAME (OPTIONS: shell-quoted)
         local dir=${exp}/${1:?merge needs a merge name} options=$2
         rm -rf "${dir}"
@@ -402,21 +413,35 @@ if [ "${merging}" = true ] && [ ${stage} -le 11 ] && [ ${stop_stage} -ge 11 ]; t
             --base_model_file "$(basename "${base_model}")" --output_dir "${dir}" "$@" < /dev/null
         echo "${options}" > "${dir}/options"
     }
-    while IFS=$'\t' read -r name kind algorithm form options inputs; do
-        if [ -f "${exp}/${name}/merge.yaml" ] && [ "$(cat "${exp}/${name}/options" 2>/dev/null)" = "${options}" ] \
-            && ! find ${inputs} -newer "${exp}/${name}/merge.yaml" | grep -q .; then
-            log "Stage 11: ${name} merged, skipped"
-            continue
-        fi
-        log "Stage 11: merge ${name} (${algorithm} over ${kind})"
-        start_job merge "${name}" "${options}"
-    done < "${merges}"
-    wait_jobs
+    make_merges() {  # make_merges FILE: every merge of FILE not yet made with its options from its inputs
+        while IFS=$'\t' read -r name kind algorithm form seed options inputs; do
+            if [ -f "${exp}/${name}/merge.yaml" ] && [ "$(cat "${exp}/${name}/options" 2>/dev/null)" = "${options}" ] \
+                && ! find ${inputs} -newer "${exp}/${name}/merge.yaml" | grep -q .; then
+                log "Stage 11: ${name} merged, skipped"
+                continue
+            fi
+            log "Stage 11: merge ${name} (${algorithm} over ${kind}, seed ${seed})"
+            start_job merge "${name}" "${options}"
+        done < "$1"
+        wait_jobs
+    }
+    if [ "${tune}" = true ] || [ ! -f "${frozen_merging}" ]; then
+        log "Stage 11: merge knobs searched on the combined dev sets (seed 0's runs), frozen -> $(dirname "${frozen_merging}")"
+        plan_merges "${merged_dir}/tune.tsv" --tune
+        make_merges "${merged_dir}/tune.tsv"
+        ${python} local/merge_freeze.py choose --merges "${merged_dir}/tune.tsv" --exp "${exp}" \
+            --out "$(dirname "${frozen_merging}")"
+    fi
+    log "Stage 11: every merge at the knobs frozen in ${frozen_merging}, ${seeds} seed(s) -> ${merged_dir}"
+    plan_merges "${merges}" --frozen "${frozen_merging}" --seeds "${seeds}"
+    make_merges "${merges}"
 fi
 
 if [ "${merging}" = true ] && [ ${stage} -le 12 ] && [ ${stop_stage} -ge 12 ]; then
+    # the guard: a test is decoded only for merges made at the knobs frozen on dev
+    ${python} local/merge_freeze.py check --frozen "${frozen_merging}" --merges "${merges}" --exp "${exp}"
     merged_splits="$(printf '%s_test ' ${domains} ${ood_domains})source_test"
-    while IFS=$'\t' read -r name kind algorithm form options inputs; do
+    while IFS=$'\t' read -r name kind algorithm form seed options inputs; do
         dir=${exp}/${name}
         if decoded "${name}" "${dir}/model.pth" ${merged_splits}; then
             log "Stage 12: ${name} decoded, skipped"
@@ -431,9 +456,10 @@ if [ "${merging}" = true ] && [ ${stage} -le 12 ] && [ ${stop_stage} -ge 12 ]; t
 fi
 
 if [ "${merging}" = true ] && [ ${stage} -le 13 ] && [ ${stop_stage} -ge 13 ]; then
-    log "Stage 13: score the merges -> ${exp}/merging.{md,csv}, ${exp}/merging_lambda.png"
+    log "Stage 13: score the merges -> ${exp}/merging.{md,csv}, ${exp}/merging_differences.{md,csv}, .png"
     ${python} local/score_merging.py --data "${data}" --exp "${exp}" --runs "${runs}" --merges "${merges}" \
-        --domains "${domains}" --ood_domains "${ood_domains}" --base_model "${base_model}"
+        --domains "${domains}" --ood_domains "${ood_domains}" --base_model "${base_model}" \
+        --frozen "${frozen_merging}"
 fi
 
 layers_dir=${exp}/layers

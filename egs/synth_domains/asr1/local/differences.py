@@ -1,9 +1,11 @@
 """Stage 10: which differences of the results table are real. For every method and each reference
-method (default: full fine-tuning and LoRA), on each domain: its target-test WER minus the
-reference's, and its source-test WER minus the reference's (forgetting), each over the seeds of both
-cells (the main run and its seed runs), with a 95 % paired bootstrap interval over the test's
-utterances (``significance.paired_bootstrap``: per utterance, the errors averaged over each system's
-seeds; one draw for both systems). An interval that holds zero reads "no difference".
+method (default: full fine-tuning, LoRA and SSVD, those that ran; SSVD makes SSVD-O's output-side
+rotations and ESPnet master's SSVD a paired comparison with the exact SSVD), on each domain: its
+target-test WER minus the reference's, and its source-test WER minus the reference's (forgetting),
+each over the seeds of both cells (the main run and its seed runs), with a 95 % paired bootstrap
+interval over the test's utterances (``significance.paired_bootstrap``: per utterance, the errors
+averaged over each system's seeds; one draw for both systems). An interval that holds zero reads "no
+difference".
 
 Writes ``differences.csv`` and ``differences.md`` in the experiment dir.
 """
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--exp", type=Path, required=True, help="experiment dir of the run")
     parser.add_argument("--runs", type=Path, required=True, help="runs.tsv of local/finetune_configs.py")
     parser.add_argument("--domains", required=True, help="target domains, space-separated")
-    parser.add_argument("--references", default="full lora", help="reference methods, space-separated")
+    parser.add_argument("--references", default="full lora ssvd", help="reference methods, space-separated")
     parser.add_argument("--resamples", type=int, default=10_000)
     args = parser.parse_args()
     runs, references = read_runs(args.runs), args.references.split()

@@ -21,9 +21,10 @@ Runs (one line each in ``runs.tsv``, see local/runs.py):
   domains' adapt splits together, with ``utt2domain`` labels (``all/hdmole``), tested on each domain
   and each out-of-distribution domain, at B times the number of domains (what the per-domain
   adapters of one method hold together);
-- seed (``--seeds n``): every main run again with the seeds after the finetune file's (``seed``: s,
-  ``seed + 1``, ..., n seeds in all): ``<run>@seed<i>``, its config ``<config>@seed<i>.yaml`` (the main
-  config, ``seed`` s + i); the main run is seed s. Stage 10 reports each cell over its seeds;
+- seed (``--seeds n``): every main and joint run again with the seeds after the finetune file's
+  (``seed``: s, ``seed + 1``, ..., n seeds in all): ``<run>@seed<i>``, its config
+  ``<config>@seed<i>.yaml`` (the run's config, ``seed`` s + i); the run itself is seed s. Stages 10
+  and 13 report each cell over its seeds;
 - joint (``--joint_methods``, for the merging stages): one model per method on all domains' adapt
   splits together (``all/<method>``, the method's main config: a joint adapter has budget B), tested
   on each domain and each out-of-distribution domain: what a user would train instead of merging;
@@ -275,11 +276,12 @@ class Planner:
                     self.add_domain_run(domain, name, method, TUNE, f"{rate:g}", str(path))
 
     def seed_runs(self, seeds: int) -> None:
-        """Every main run again at each further seed (module docstring): sweep ``seed``, value ``i``."""
+        """Every main and joint run again at each further seed (module docstring): sweep ``seed``,
+        value ``i``."""
         if seeds < 1:
             raise SystemExit(f"--seeds is the number of seeds per main run (1 or more), got {seeds}")
         first = int(self.finetune.get("seed", 0))
-        for run in [run for run in self.runs if run.sweep == "main"]:
+        for run in [run for run in self.runs if run.sweep in ("main", "joint")]:
             main = Path(run.config)
             for index in range(1, seeds):
                 path = main.with_name(f"{main.stem}@seed{index}.yaml")
@@ -376,7 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         "--ood_domains", default="", help="space-separated out-of-distribution test domains of joint runs"
     )
     parser.add_argument("--tune", action="store_true", help="also the tuning runs of every main method")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per main run (the finetune file's first)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="seeds per main and joint run (the finetune file's first)"
+    )
     parser.add_argument(
         "--frozen", type=Path, default=None, help="learning rates frozen on dev (local/freeze.py), per method"
     )
@@ -400,10 +404,10 @@ def main(argv: list[str] | None = None) -> None:
         planner.frozen_rates = {method: frozen_rate(args.frozen, method) for method in methods}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     blocks = planner.main_runs(methods)
+    planner.joint_runs(args.joint_methods.split(), methods)
     planner.seed_runs(args.seeds)
     if args.tune:
         planner.tuning_runs(methods)
-    planner.joint_runs(args.joint_methods.split(), methods)
     if sweeps:
         planner.sweep_runs(sweeps, methods)
     if "layer_analysis" in adapters:

@@ -71,8 +71,9 @@ def choose(runs: list[Run], exp: Path) -> dict[str, Any]:
     return {"scores": table, "choices": choices}
 
 
-def write_frozen(record: dict[str, Any], out: Path) -> Path:
-    """``<out>/<UTC time>.yaml`` and its copy ``<out>/current.yaml`` (written whole, then renamed)."""
+def write_frozen(record: dict[str, Any], out: Path, criterion: str = "best valid acc") -> Path:
+    """``<out>/<UTC time>.yaml`` and its copy ``<out>/current.yaml`` (written whole, then renamed); the
+    same scores and choices as the current file's write nothing new."""
     current = out / CURRENT
     if current.is_file():
         previous = yaml.safe_load(current.read_text())
@@ -80,8 +81,7 @@ def write_frozen(record: dict[str, Any], out: Path) -> Path:
             return out / previous["file"]
     made = datetime.now(UTC)
     path = out / f"{made.strftime('%Y%m%dT%H%M%SZ')}.yaml"
-    record = {"made": made.isoformat(timespec="seconds"), "file": path.name, "criterion": "best valid acc",
-              **record}  # fmt: skip
+    record = {"made": made.isoformat(timespec="seconds"), "file": path.name, "criterion": criterion, **record}
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".{path.name}.tmp"
     staging.write_text(yaml.safe_dump(record, sort_keys=False))

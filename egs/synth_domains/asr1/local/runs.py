@@ -3,7 +3,8 @@
     run  method  sweep  value  config  train-data  dev-data  test-domains
 
 ``run`` is its dir under exp (``<domain>/<method>[@<variant>]``, or ``all/<method>`` for a run on
-every domain together); ``sweep`` is ``main``, ``seed`` (a main run at another seed, ``<main>@seed<i>``),
+every domain together); ``sweep`` is ``main``, ``seed`` (a main or joint run at another seed,
+``<run>@seed<i>``),
 ``tune`` (local/freeze.py), ``joint`` (a joint run for the merging stages), ``budget``, ``split``,
 ``allocation`` or ``fewshot``, ``value`` the swept value (the seed's index for ``seed``; ``-`` for main
 runs: bash's ``read`` would merge empty tab-separated fields); ``test-domains`` is space-separated.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 SWEEPS = ("budget", "split", "allocation", "fewshot")
 SEED = "seed"
+SEED_SUFFIX = "@seed"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,16 @@ class Run:
     def line(self) -> str:
         fields = (self.name, self.method, self.sweep, self.value, self.config, self.train, self.dev)
         return "\t".join((*fields, " ".join(self.tests))) + "\n"
+
+
+def seeded_from(run: Run) -> str:
+    """The run a seed run repeats (its name without ``@seed<i>``); a run's own name otherwise."""
+    return run.name.rsplit(SEED_SUFFIX, 1)[0] if run.sweep == SEED else run.name
+
+
+def seed_index(run: Run) -> int:
+    """0 for a main or joint run, i for its ``@seed<i>`` repeat."""
+    return int(run.value) if run.sweep == SEED else 0
 
 
 def write_runs(path: Path, runs: list[Run]) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 from kaldi_files import read_table
 from markdown_table import markdown_table
-from runs import SEED, SWEEPS, Run, read_runs
+from runs import SEED, SWEEPS, Run, read_runs, seed_index, seeded_from
 from scoring import ErrorRate, error_rates, utterance_errors
 from significance import Interval, cell_bootstrap, paired_bootstrap
 
@@ -172,14 +172,11 @@ def cell(run_row: dict[str, object], seeds: str, target: Interval, forgetting: I
 
 def cells(runs: list[Run], domain: str) -> dict[str, list[Run]]:
     """Each method's runs tested on ``domain``: its main run, then its seed runs in seed order."""
-    grouped: dict[str, list[Run]] = {}
-    for run in runs:
-        if run.sweep == "main" and domain in run.tests:
-            grouped[run.method] = [run]
-    for run in sorted((r for r in runs if r.sweep == SEED), key=lambda r: int(r.value)):
-        if domain in run.tests and run.method in grouped:
-            grouped[run.method].append(run)
-    return grouped
+    grouped = {run.name: [run] for run in runs if run.sweep == "main" and domain in run.tests}
+    for run in sorted((r for r in runs if r.sweep == SEED), key=seed_index):
+        if seeded_from(run) in grouped:
+            grouped[seeded_from(run)].append(run)
+    return {cell[0].method: cell for cell in grouped.values()}
 
 
 def result_rows(scorer: Scorer, runs: list[Run], domains: list[str]) -> list[dict[str, object]]:
