@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -67,3 +68,27 @@ def assert_reproduced(run: Path, other_seed: Path, tmp_path: Path) -> None:
     assert all(torch.equal(original[key], again[key]) for key in original)
     other = weights(other_seed / last)
     assert any(not torch.equal(original[key], other[key]) for key in original)
+
+
+def check_numbers(rows: list[dict[str, str]]) -> None:
+    """Every error rate of results.csv parses and is at least 0; the base trained nothing, every other
+    row trained parameters and has its time and memory."""
+    for row in rows:
+        adapted = row["method"] != "base"
+        for column in ERROR_RATES:
+            assert float(row[column]) >= 0.0, (row, column)
+        if adapted:
+            assert int(row["trainable params"]) > 0, row
+            assert float(row["train seconds"]) > 0.0 and float(row["peak memory MB"]) > 0.0, row
+        else:
+            assert int(row["trainable params"]) == 0, row
+            assert row["train seconds"] == row["peak memory MB"] == "", row
+
+
+def check_forgetting(rows: list[dict[str, str]]) -> None:
+    """The forgetting column is the row's source WER minus the base's."""
+    base_source_wer = {row["domain"]: float(row["source WER"]) for row in rows if row["method"] == "base"}
+    assert len(set(base_source_wer.values())) == 1
+    for row in rows:
+        change = float(row["source WER"]) - base_source_wer[row["domain"]]
+        assert float(row["forgetting (source WER change)"]) == pytest.approx(change, abs=0.011), row
