@@ -339,9 +339,8 @@ def write_scoring_inputs(root: Path) -> tuple[Path, Path]:
 def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_path: Path) -> None:
     data, exp = write_scoring_inputs(tmp_path)
     sets = f"test={data / 'test'} source={data / 'source'}"
-    result = run(
-        [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", sets, "--names", "base lora"]
-    )
+    command = [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", sets, "--names", "base lora"]
+    result = run([*command, "--cleaners", "none"])
     assert result.returncode == 0, result.stderr
     assert "lacks 1 utterances" in result.stderr
     with (exp / "results.csv").open() as f:
@@ -360,6 +359,34 @@ def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_
         .splitlines()[0]
         .startswith("| model | trainable | rank or k | test WER |")
     )
+
+
+def test_scoring_with_espnets_whisper_en_cleaner_drops_fillers_beside_the_plain_wer(tmp_path: Path) -> None:
+    """MyST-like references with fillers and British spelling: the plain normalisation counts the
+    fillers a model does not say as deletions; ESPnet's whisper_en cleaner (the published numbers'
+    scoring) drops them on both sides and standardises the spelling."""
+    pytest.importorskip("whisper")
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    (data / "test").mkdir(parents=True)
+    (data / "test" / "text").write_text("c-1 um the colour is uh red\nc-2 hmm i like maths\n")
+    for name, text in {
+        "base": "c-1 the color is red\nc-2 i like math\n",
+        "lora": "c-1 the colour is red\n",
+    }.items():
+        (exp / "decode" / name / "test").mkdir(parents=True)
+        (exp / "decode" / name / "test" / "text").write_text(text)
+    command = [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", f"test={data / 'test'}"]
+    result = run([*command, "--names", "base lora"])
+    assert result.returncode == 0, result.stderr
+    with (exp / "results.csv").open() as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    # plain: 10 reference words; base misses um, uh, hmm and says color, math (5 errors); lora says
+    # nothing for c-2 (4 deletions) and misses um, uh (2)
+    assert (rows["base"]["test WER"], rows["lora"]["test WER"]) == ("50.0", "60.0")
+    # whisper_en: "the color is red" + "i like maths" (7 words); base: math for maths; lora: c-2 empty
+    assert (rows["base"]["test WER whisper_en"], rows["lora"]["test WER whisper_en"]) == ("14.29", "42.86")
+    unknown = run([*command, "--names", "base", "--cleaners", "whisper_fr"])
+    assert unknown.returncode == 1 and "unknown cleaner 'whisper_fr'" in unknown.stderr
 
 
 def test_scoring_names_the_missing_decoding(tmp_path: Path) -> None:
@@ -462,6 +489,7 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
         rows = {row["model"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"base", "full", "lora", "ssvd_o", "ssvd_o@decoder"}
     assert rows["base"]["trainable"] == "0"
+    assert all(float(row["test WER whisper_en"]) >= 0.0 for row in rows.values())  # ESPnet's cleaner too
     owsm_config = yaml.safe_load((exp / "owsm" / "config.yaml").read_text())
     owsm_model = S2TTask.build_model(argparse.Namespace(**owsm_config))
     assert rows["full"]["trainable"] == f"{sum(p.numel() for p in owsm_model.parameters()):,}"

@@ -11,7 +11,8 @@
 #                        full: stock espnet2.bin.s2t_train --init_param, options + --full_conf)
 #   stage 4  decode      the base model (zero-shot) and each method on ${test_sets} (and --source_test)
 #                        -> ${exp}/decode/<base|method>/<set>/text
-#   stage 5  score       WER per model and test set (per domain; forgetting on source) -> ${exp}/results.{md,csv}
+#   stage 5  score       WER per model and test set (per domain; forgetting on source; also after ESPnet's
+#                        whisper_en cleaner) -> ${exp}/results.{md,csv}
 # --sweeps "budget split allocation" adds the SSVD-O paper's sweeps (--sweeps_conf, default
 # egs/common/owsm/conf/sweeps.yaml): stage 3 writes each point as one more run, ${exp}/peft/<run>.yaml
 # and a budget.csv row (lora@x4, ssvd_o@outer0.5, lora@encoder, ...), and stages 3-5 train, decode and
@@ -45,6 +46,7 @@ gpu_inference=true   # decoding on one GPU per job (false: on the CPU)
 inference_s2t_model=valid.acc.ave.pth  # the model file of each run that stage 4 decodes
 inference_nj=1       # decoding jobs per model and test set, run at once
 source_test=""       # optional Kaldi-style dir (wav.scp, text or text.ctc) of the base model's own domain
+score_cleaners=whisper_en  # stage 5: ESPnet text cleaners scored beside the plain WER (none: the plain one only)
 train_set=""
 valid_set=""
 test_sets=""
@@ -61,7 +63,7 @@ help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
           [--sweeps "budget split allocation"] [--sweeps_conf FILE]
           [--ngpu N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--gpu_inference true|false] [--inference_nj N]
-          [--source_test DIR] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
+          [--source_test DIR] [--score_cleaners whisper_en|none] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
           [--peft_conf_dir DIR] [--inference_config FILE] [--inference_s2t_model FILE] [--data D] [--exp E] [--python P]'
 
 . ./path.sh
@@ -251,7 +253,8 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
     for set in ${set_names}; do sets+="${set}=${test_dirs[${set}]} "; done
     log "Stage 5: WER -> ${exp}/results.md, ${exp}/results.csv"
     sweep_runs=$(sweep_methods)
-    ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods} ${sweep_runs}"
+    ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods} ${sweep_runs}" \
+        --cleaners "${score_cleaners}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

@@ -15,6 +15,12 @@ or k of each PEFT run from its config.yaml. A run of a sweep (stage 3's ``--swee
 ``<exp>/peft/budget.csv`` whose sweep is not ``main``) is scored like the others; when there is
 one, the columns ``sweep`` and ``point`` (budget / x4, split / 0.5, allocation / encoder; ``-``
 for the other runs) follow ``model``. Writes ``<exp>/results.md`` and ``<exp>/results.csv``.
+
+With ``--cleaners whisper_en`` (the default), each set also gets ``<set> WER whisper_en`` (and
+``forgetting whisper_en``): references and hypotheses first cleaned by ESPnet's ``TextCleaner``
+with the cleaner ESPnet's published MyST numbers use (Whisper's English normaliser: fillers such as
+um, uh and hmm dropped, British spellings and number words standardised; from openai-whisper), then
+normalised as above. ``--cleaners none`` keeps the one normalisation only.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import csv
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -35,6 +42,7 @@ BASE = "base"
 MAIN = "main"  # the sweep of budget.csv's main runs
 SOURCE = "source"
 SPECIAL_TOKEN = re.compile(r"<[^<>\s]*>")
+CLEANERS = ("whisper_en", "whisper_basic")  # ESPnet's TextCleaner names
 
 
 class ScoreError(Exception):
@@ -50,6 +58,26 @@ def references(data_dir: Path) -> dict[str, str]:
 def wer(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> float:
     """WER in percent over ``utts``, to two decimals."""
     return round(error_rates(refs, hyps, utts)[0].percent, 2)
+
+
+def text_cleaner(name: str) -> Callable[[str], str]:
+    """ESPnet's ``TextCleaner([name])`` (a Whisper cleaner needs openai-whisper)."""
+    if name not in CLEANERS:
+        raise ScoreError(f"--cleaners: unknown cleaner {name!r}; known: {', '.join(CLEANERS)} (or none)")
+    try:
+        import whisper.normalizers  # noqa: F401  (what ESPnet's Whisper cleaners import)
+    except ImportError:
+        raise ScoreError(
+            f"the {name} cleaner is Whisper's text normaliser: install openai-whisper (the project's "
+            "espnet extra has it: pip install -e '.[espnet]'), or score with --cleaners none"
+        ) from None
+    from espnet2.text.cleaner import TextCleaner
+
+    return TextCleaner([name])
+
+
+def cleaned(texts: dict[str, str], cleaner: Callable[[str], str]) -> dict[str, str]:
+    return {utt: cleaner(text) for utt, text in texts.items()}
 
 
 def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
@@ -100,7 +128,12 @@ def sweep_points(exp: Path) -> dict[str, tuple[str, str]]:
     return {row["method"]: (row["sweep"], row["point"]) for row in rows if row.get("sweep", MAIN) != MAIN}
 
 
-def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict[str, object]]:
+def result_rows(
+    exp: Path, sets: dict[str, Path], names: list[str], cleaners: list[str] | None = None
+) -> list[dict[str, object]]:
+    """One row per model: its cost, its WER on each set (per domain too) and after each cleaner, and
+    its forgetting (and after each cleaner) when a ``source`` set is scored."""
+    cleaner_of = {name: text_cleaner(name) for name in cleaners or []}
     rows: list[dict[str, object]] = []
     points = {name: point for name, point in sweep_points(exp).items() if name in names}
     for name in names:
@@ -122,13 +155,19 @@ def result_rows(exp: Path, sets: dict[str, Path], names: list[str]) -> list[dict
                 print(f"score.py: warning: {hyp_file} lacks {missing} utterances (empty)", file=sys.stderr)
             utts = sorted(refs)
             row[f"{set_name} WER"] = wer(refs, hyps, utts)
+            for cleaner_name, cleaner in cleaner_of.items():
+                row[f"{set_name} WER {cleaner_name}"] = wer(
+                    cleaned(refs, cleaner), cleaned(hyps, cleaner), utts
+                )
             for domain, domain_utts in domains_of(data_dir, utts).items():
                 row[f"{set_name} {domain}"] = wer(refs, hyps, domain_utts)
         rows.append(row)
     base = next((row for row in rows if row["model"] == BASE), None)
     if SOURCE in sets and base is not None:
-        for row in rows:
-            row["forgetting"] = round(float(row[f"{SOURCE} WER"]) - float(base[f"{SOURCE} WER"]), 2)
+        for suffix in ["", *(f" {name}" for name in cleaner_of)]:
+            source = f"{SOURCE} WER{suffix}"
+            for row in rows:
+                row[f"forgetting{suffix}"] = round(float(row[source]) - float(base[source]), 2)
     return rows
 
 
@@ -151,9 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exp", type=Path, required=True, help="dir with decode/<name>/<set>/text")
     parser.add_argument("--sets", required=True, help="name=data_dir pairs, e.g. 'test=data/test'")
     parser.add_argument("--names", required=True, help="decoded models: base, the methods, the sweep runs")
+    parser.add_argument(
+        "--cleaners",
+        default="whisper_en",
+        help=f"ESPnet text cleaners scored beside the plain normalisation ({', '.join(CLEANERS)}), or none",
+    )
     args = parser.parse_args(argv)
+    cleaners = [] if args.cleaners.strip() in ("", "none") else args.cleaners.split()
     try:
-        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split())
+        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split(), cleaners)
     except ScoreError as error:
         print(f"score.py: error: {error}", file=sys.stderr)
         return 1
