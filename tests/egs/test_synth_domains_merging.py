@@ -198,6 +198,7 @@ def test_the_dev_choices_are_frozen_and_the_guard_refuses_any_other_merge(tmp_pa
         "scores": {"full/ties": {"scaling=0.5 density=0.2": 0.8, "scaling=1 density=0.2": 0.9}},
         "choices": {"full/ties": {"scaling": 1.0, "density": 0.2}},
     }
+    assert merge_freeze.choose([], exp) == {"scores": {}, "choices": {}}  # no algorithm with a grid
     frozen = write_frozen(record, exp / "frozen" / "merging", merge_freeze.CRITERION)
     assert yaml.safe_load(frozen.read_text())["criterion"] == merge_freeze.CRITERION
     current = exp / "frozen" / "merging" / "current.yaml"
@@ -342,6 +343,7 @@ def test_stage_13_writes_the_tables_the_knobs_and_the_curve(
         "scores": {"full/ties": {"scaling=0.5": 0.8, "scaling=1": 0.9}},
         "choices": {"full/ties": {"scaling": 1.0}},
     }
+    assert merge_freeze.choose([], exp) == {"scores": {}, "choices": {}}  # no algorithm with a grid
     frozen = write_frozen(record, exp / "frozen" / "merging", merge_freeze.CRITERION)
     argv = [
         "score_merging.py",

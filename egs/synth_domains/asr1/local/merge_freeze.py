@@ -47,9 +47,8 @@ def describe(knobs: dict[str, Any]) -> str:
 
 
 def choose(merges: list[Merge], exp: Path) -> dict[str, Any]:
-    """Every tuning merge's dev grid (knobs -> score) and its chosen knobs, under its ``choice``."""
-    if not merges:
-        raise SystemExit("no tuning merges: no algorithm of the merging block has a grid to search")
+    """Every tuning merge's dev grid (knobs -> score) and its chosen knobs, under its ``choice`` (none
+    when no algorithm of the merging block has a grid)."""
     scores, choices = {}, {}
     for merge in merges:
         search = merge_record(exp, merge).get("search")
