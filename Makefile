@@ -23,9 +23,13 @@ $(STAMP): pyproject.toml $(RECIPE_DEPS)
 demo: $(STAMP)
 	bash egs/synth_domains/asr1/run.sh --profile quick
 
+# Two pytest workers, one test file each at a time (module fixtures are built once): 16 minutes
+# here against 27 in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" -q --durations=15
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
