@@ -251,3 +251,46 @@ def test_a_missing_test_filter_list_is_named_before_anything_is_written(prepared
     assert f"--test_filter_list {tmp_path / 'test.list'} does not exist" in result.stderr
     assert "egs2/myst/asr1/conf/file_list/test.list" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_student_grades_give_every_set_and_test_filter_utt2grade(prepared, tmp_path: Path) -> None:
+    data, _ = prepared
+    grades = tmp_path / "grades.txt"
+    grades.write_text("001001 3\n001002 4\n\n002001 5\n003001 3\n003002 5\n009999 4\n")
+    listed = tmp_path / "test.list"
+    listed.write_text("myst_003002_2014-01-01_10-00-00_ME_1.1_001\n")
+    out = tmp_path / "data"
+    result = run([sys.executable, str(RECIPE / "local" / "data_prep.py"), "--corpus_dir",
+                  str(data.parent / "corpus"), "--data_dir", str(out), "--student_grades", str(grades),
+                  "--test_filter_list", str(listed)])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for split in ("train", "dev", "test", "test_filter"):
+        utt2grade = read_table(out / split / "utt2grade")
+        assert list(utt2grade) == list(read_table(out / split / "utt2spk"))  # every utterance, same order
+        expected = {"001001": "3", "001002": "4", "002001": "5", "003001": "3", "003002": "5"}
+        assert all(grade == expected[utt.split("-")[0]] for utt, grade in utt2grade.items())
+    assert set(read_table(out / "test" / "utt2grade").values()) == {"3", "5"}
+    assert set(read_table(out / "test_filter" / "utt2grade").values()) == {"5"}
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            "001001 3\n001002 4\n002001 5\n",
+            "--student_grades lists no grade for 2 students of test: 003001 003002",
+        ),
+        ("001001 3 extra\n", "grades.txt:1: '001001 3 extra' is not '<student_id> <grade>'"),
+    ],
+)
+def test_student_grades_that_miss_a_student_stop_stage_1_before_anything_is_written(
+    prepared, tmp_path: Path, lines: str, message: str
+) -> None:
+    data, _ = prepared
+    grades = tmp_path / "grades.txt"
+    grades.write_text(lines)
+    result = run([sys.executable, str(RECIPE / "local" / "data_prep.py"), "--corpus_dir",
+                  str(data.parent / "corpus"), "--data_dir", str(tmp_path / "out"), "--student_grades",
+                  str(grades)])  # fmt: skip
+    assert result.returncode == 1 and message in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -361,6 +361,29 @@ def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_
     )
 
 
+def test_scoring_breaks_a_set_down_by_speaker_and_grade_in_numeric_order(tmp_path: Path) -> None:
+    """--breakdowns "domain spk grade": one WER per value of each utt2<label> the set holds."""
+    data, exp = write_scoring_inputs(tmp_path)
+    (data / "test" / "utt2spk").write_text("a-1 a\nb-1 b\nb-2 b\n")
+    (data / "test" / "utt2grade").write_text("a-1 10\nb-1 3\nb-2 10\n")
+    command = [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", f"test={data / 'test'}"]
+    result = run([*command, "--names", "base lora", "--cleaners", "none", "--breakdowns", "domain spk grade"])
+    assert result.returncode == 0, result.stderr
+    with (exp / "results.csv").open() as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    # grade 3: b-1 (2 words; base inserts THREE); grade 10: a-1 and b-2 (5 words; lora drops SAT, and
+    # says nothing for b-2)
+    breakdowns = ["test arabic", "test korean", "test spk a", "test spk b", "test grade 3", "test grade 10"]
+    assert list(rows["lora"])[4:] == breakdowns
+    for row in rows.values():
+        assert (row["test spk a"], row["test spk b"]) == (row["test arabic"], row["test korean"])
+    assert (rows["base"]["test grade 3"], rows["base"]["test grade 10"]) == ("50.0", "0.0")
+    assert (rows["lora"]["test grade 3"], rows["lora"]["test grade 10"]) == ("0.0", "60.0")
+    plain = run([*command, "--names", "base", "--cleaners", "none", "--breakdowns", "none"])
+    assert plain.returncode == 0
+    assert (exp / "results.md").read_text().splitlines()[0] == "| model | trainable | rank or k | test WER |"
+
+
 def test_scoring_with_espnets_whisper_en_cleaner_drops_fillers_beside_the_plain_wer(tmp_path: Path) -> None:
     """MyST-like references with fillers and British spelling: the plain normalisation counts the
     fillers a model does not say as deletions; ESPnet's whisper_en cleaner (the published numbers'
@@ -507,9 +530,55 @@ def test_run_sh_goes_from_the_corpus_to_the_results_table_and_resumes(owsm_dir: 
         and budget["lora"]["budget"] == budget["ssvd_o"]["trainable"]
     )
 
+    # jobs ran through cmd.sh's local back-end: ESPnet's launcher -> train.log, JOB arrays -> logdir/
+    assert (exp / "lora" / "train.log").read_text().splitlines()[-1].startswith("# Ended (code 0) at ")
+    decode_logs = sorted(p.name for p in (exp / "decode" / "lora" / "test" / "logdir").glob("*.log"))
+    assert decode_logs == ["s2t_inference.1.log", "s2t_inference.2.log"]
+
     again = run([*command, "--stage", "3"], env_threads=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(" done (") == 4 and again.stdout.count("decoded, skipped") == 5
+
+
+def test_num_nodes_trains_through_espnets_launcher_on_slurm(owsm_dir: Path, tmp_path: Path) -> None:
+    """--num_nodes 2 with cmd_backend=slurm: espnet2.bin.launch submits one srun job of two nodes
+    through ESPnet's slurm.pl (here a checkout's stand-in that records its call)."""
+    write_myst_corpus(tmp_path / "corpus")
+    (tmp_path / "espnet" / "utils").mkdir(parents=True)
+    slurm_pl = tmp_path / "espnet" / "utils" / "slurm.pl"
+    slurm_pl.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "slurm_call"}\n')
+    slurm_pl.chmod(0o755)
+    command = [
+        str(EGS / "myst" / "asr1" / "run.sh"),
+        "--corpus_dir",
+        str(tmp_path / "corpus"),
+        "--stop_stage",
+        "3",
+    ]
+    command += ["--owsm_dir", str(owsm_dir), "--model", "owsm_v3.1_ebf_base", "--methods", "lora"]
+    command += ["--data", str(tmp_path / "data"), "--exp", str(tmp_path / "exp"), "--python", sys.executable]
+    command += ["--ngpu", "4", "--num_nodes", "2"]
+    env = {**os.environ, "cmd_backend": "slurm", "ESPNET_ROOT": str(tmp_path / "espnet")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    call = (tmp_path / "slurm_call").read_text().splitlines()
+    dir_ = tmp_path / "exp" / "lora"
+    slurm_conf = str(EGS / "common" / "conf" / "slurm.conf")
+    assert call[:12] == ["--config", slurm_conf, "--name", "s2t_lora", "--gpu", "4", "--num_threads", "4",
+                         "--num_nodes", "2", str(dir_ / "train.log"), "srun"]  # fmt: skip
+    assert call[13:16] == [sys.executable, "-m", "espnet_plugins.bin.s2t_train"]
+    tail = call[call.index("--dist_launcher") - 4 :]
+    assert tail[:6] == ["--ngpu", "4", "--multiprocessing_distributed", "true", "--dist_launcher", "slurm"]
+    assert tail[6] == "--dist_init_method" and tail[7].startswith(f"file://{dir_ / '.dist_init_'}")
+
+    launcher = run(
+        [*command[:-4], "--num_nodes", "2", "--ngpu", "1", "--train_launcher", "torchrun", "--stage", "3"]
+    )
+    assert launcher.returncode == 1
+    assert (
+        "--train_launcher and --num_nodes 2: the launcher places the processes; give one of them"
+        in launcher.stderr
+    )
 
 
 def read_keys(path: Path) -> list[str]:

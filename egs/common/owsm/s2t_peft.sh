@@ -11,16 +11,18 @@
 #                        full: stock espnet2.bin.s2t_train --init_param, options + --full_conf)
 #   stage 4  decode      the base model (zero-shot) and each method on ${test_sets} (and --source_test)
 #                        -> ${exp}/decode/<base|method>/<set>/text
-#   stage 5  score       WER per model and test set (per domain; forgetting on source; also after ESPnet's
-#                        whisper_en cleaner) -> ${exp}/results.{md,csv}
+#   stage 5  score       WER per model and test set (per domain, grade or speaker: --score_breakdowns;
+#                        forgetting on source; also after ESPnet's whisper_en cleaner) -> ${exp}/results.{md,csv}
 # --sweeps "budget split allocation" adds the SSVD-O paper's sweeps (--sweeps_conf, default
 # egs/common/owsm/conf/sweeps.yaml): stage 3 writes each point as one more run, ${exp}/peft/<run>.yaml
 # and a budget.csv row (lora@x4, ssvd_o@outer0.5, lora@encoder, ...), and stages 3-5 train, decode and
 # score those runs like the PEFT methods.
 # Options shared with ESPnet's egs2/TEMPLATE/s2t1/s2t.sh carry its names (train_set, valid_set,
-# test_sets, local_data_opts, ngpu, s2t_args, inference_config, inference_args, inference_nj,
-# gpu_inference, inference_s2t_model); the trainer is the plugin's espnet_plugins.bin.s2t_train in
-# place of espnet2.bin.s2t_train (full fine-tuning: the stock one).
+# test_sets, local_data_opts, ngpu, num_nodes, s2t_args, inference_config, inference_args,
+# inference_nj, gpu_inference, inference_s2t_model); the trainer is the plugin's
+# espnet_plugins.bin.s2t_train in place of espnet2.bin.s2t_train (full fine-tuning: the stock one).
+# Jobs run as s2t.sh runs them: training through ESPnet's launcher (espnet2.bin.launch) with the
+# recipe's cmd.sh's ${cuda_cmd}, decoding as a JOB=1:N array of ${decode_cmd} (cmd.sh: local, slurm, sge).
 # Nothing is downloaded: --owsm_dir is a local copy of the pretrained model (e.g. espnet/owsm_v3.1_ebf).
 set -euo pipefail
 
@@ -38,15 +40,17 @@ full_conf=""         # full fine-tuning's own options; default: egs/common/owsm/
 sweeps=""            # sweeps of ${sweeps_conf} run on top of --methods: any of budget, split, allocation
 sweeps_conf=""       # default: egs/common/owsm/conf/sweeps.yaml
 inference_config=""  # default: egs/common/owsm/conf/decode.yaml
-ngpu=1               # GPUs per fine-tuning run (ESPnet's DDP when > 1), or per process with --train_launcher
+ngpu=1               # GPUs per node of a fine-tuning run (ESPnet's DDP when > 1), or per process with --train_launcher
+num_nodes=1          # nodes of a fine-tuning run (espnet2.bin.launch; cmd.sh's slurm or sge back-end when > 1)
 train_launcher=""    # a launcher put before the trainer, one process per GPU (ESPnet's DDP reads RANK,
                      # WORLD_SIZE and LOCAL_RANK), e.g. "torchrun --nproc_per_node 4 --no-python"; on
-                     # several nodes: "srun --ntasks-per-node 4" with --s2t_args "--dist_launcher slurm"
+                     # several nodes, --num_nodes with cmd_backend=slurm instead
 gpu_inference=true   # decoding on one GPU per job (false: on the CPU)
 inference_s2t_model=valid.acc.ave.pth  # the model file of each run that stage 4 decodes
 inference_nj=1       # decoding jobs per model and test set, run at once
 source_test=""       # optional Kaldi-style dir (wav.scp, text or text.ctc) of the base model's own domain
 score_cleaners=whisper_en  # stage 5: ESPnet text cleaners scored beside the plain WER (none: the plain one only)
+score_breakdowns="domain grade"  # stage 5: a WER per value of each utt2<label> a test set holds (spk: speakers)
 train_set=""
 valid_set=""
 test_sets=""
@@ -62,11 +66,12 @@ die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1_ebf|owsm_v3.1_ebf_small|owsm_v3.1_ebf_base] [--stage N] [--stop_stage M]
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
           [--sweeps "budget split allocation"] [--sweeps_conf FILE]
-          [--ngpu N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--gpu_inference true|false] [--inference_nj N]
-          [--source_test DIR] [--score_cleaners whisper_en|none] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
+          [--ngpu N] [--num_nodes N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--gpu_inference true|false] [--inference_nj N]
+          [--source_test DIR] [--score_cleaners whisper_en|none] [--score_breakdowns "domain grade spk"|none] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
           [--peft_conf_dir DIR] [--inference_config FILE] [--inference_s2t_model FILE] [--data D] [--exp E] [--python P]'
 
 . ./path.sh
+. ./cmd.sh
 . "${COMMON_ROOT}/parse_options.sh"
 peft_conf_dir=${peft_conf_dir:-${COMMON_ROOT}/owsm/conf/peft}
 inference_config=${inference_config:-${COMMON_ROOT}/owsm/conf/decode.yaml}
@@ -123,13 +128,7 @@ for sweep in sys.argv[2].split():
     print(*runs)' "${exp}/peft/budget.csv" "${sweeps}" "$(basename "$0")"
 }
 
-# run_logged LOG COMMAND...: COMMAND with its output in LOG; on failure, the end of LOG.
-run_logged() {
-    local log_file=$1
-    shift
-    mkdir -p "$(dirname "${log_file}")"
-    "$@" > "${log_file}" 2>&1 || { tail -n 30 "${log_file}" >&2; die "failed, see ${log_file}"; }
-}
+
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     [ -n "${corpus_dir}" ] || die "stage 1 needs the corpus root: set it in the recipe's db.sh or pass --corpus_dir (see README.md)"
@@ -148,12 +147,9 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 3 ]; then
 fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
-    distributed=""
     if [ -n "${train_launcher}" ]; then
         [ "${ngpu}" -le 1 ] || die "--train_launcher starts one process per GPU: give --ngpu 1 (or 0 on CPU), not ${ngpu}"
-        distributed="--multiprocessing_distributed false"
-    elif [ "${ngpu}" -gt 1 ]; then
-        distributed="--multiprocessing_distributed true"
+        [ "${num_nodes}" -eq 1 ] || die "--train_launcher and --num_nodes ${num_nodes}: the launcher places the processes; give one of them"
     fi
     if [ -n "${peft_methods}" ]; then
         log "Stage 3: PEFT blocks at budget ${budget} -> ${exp}/peft/budget.csv"
@@ -183,10 +179,22 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
             labels="--train_data_path_and_name_and_type ${data}/${train_set}/utt2domain,domain,text"
             labels+=" --valid_data_path_and_name_and_type ${data}/${valid_set}/utt2domain,domain,text"
         fi
-        run_logged "${dir}/train.log" ${train_launcher} ${python} -m ${trainer} --config "${exp}/conf/${method}.yaml" \
-            --output_dir "${dir}" --ngpu "${ngpu}" ${distributed} --resume true \
-            $(s2t_data_args train "${data}/${train_set}") $(s2t_data_args valid "${data}/${valid_set}") \
-            ${labels} ${s2t_args}
+        train_args="--config ${exp}/conf/${method}.yaml --output_dir ${dir} --resume true"
+        train_args+=" $(s2t_data_args train "${data}/${train_set}") $(s2t_data_args valid "${data}/${valid_set}")"
+        train_args+=" ${labels} ${s2t_args}"
+        mkdir -p "${dir}"
+        if [ -n "${train_launcher}" ]; then
+            ${cuda_cmd} --gpu "${ngpu}" "${dir}/train.log" ${train_launcher} ${python} -m ${trainer} \
+                ${train_args} --ngpu "${ngpu}" --multiprocessing_distributed false \
+                || { tail -n 30 "${dir}/train.log" >&2; die "training ${method} failed, see ${dir}/train.log"; }
+        else
+            # as s2t.sh: ESPnet's launcher, one process per node, ESPnet's own DDP over the node's GPUs
+            ${python} -m espnet2.bin.launch --cmd "${cuda_cmd} --name s2t_${method}" --log "${dir}/train.log" \
+                --ngpu "${ngpu}" --num_nodes "${num_nodes}" --init_file_prefix "${dir}/.dist_init_" \
+                --multiprocessing_distributed true -- ${python} -m ${trainer} ${train_args} \
+                > "${dir}/launch.log" 2>&1 \
+                || { tail -n 30 "${dir}/train.log" >&2; die "training ${method} failed, see ${dir}/train.log"; }
+        fi
     done
 fi
 
@@ -199,9 +207,10 @@ if [ -n "${source_test}" ]; then
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
-    # decode NAME MODULE CONFIG MODEL [OPTIONS]: every test set, ${inference_nj} jobs each -> decode/NAME/<set>/text
+    # decode NAME MODULE CONFIG MODEL [OPTIONS]: every test set, ${inference_nj} jobs each (a JOB array of
+    # ${decode_cmd}, logs in logdir/) -> decode/NAME/<set>/text
     decode() {
-        local name=$1 module=$2 config=$3 model_file=$4 extra=${5:-} set out keys job nj
+        local name=$1 module=$2 config=$3 model_file=$4 extra=${5:-} set out nj
         for set in ${set_names}; do
             out=${exp}/decode/${name}/${set}
             if [ -f "${out}/text" ] && [ "${out}/text" -nt "${model_file}" ]; then
@@ -211,26 +220,20 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
             [ -f "${test_dirs[${set}]}/wav.scp" ] || die "no ${test_dirs[${set}]}/wav.scp to decode"
             log "Stage 4: decode ${set} with ${name} -> ${out}/text"
             rm -rf "${out}"
-            mkdir -p "${out}/split"
+            mkdir -p "${out}/logdir"
             nj=$(wc -l < "${test_dirs[${set}]}/wav.scp")
             [ "${nj}" -le "${inference_nj}" ] || nj=${inference_nj}
-            cut -d' ' -f1 "${test_dirs[${set}]}/wav.scp" | split -n "r/${nj}" -d -a 3 - "${out}/split/keys."
-            for keys in "${out}"/split/keys.*; do
-                job=${keys##*.}
-                run_logged "${out}/split/${job}/decode.log" ${python} -m "${module}" --config "${inference_config}" \
-                    --s2t_train_config "${config}" --s2t_model_file "${model_file}" \
-                    --data_path_and_name_and_type "${test_dirs[${set}]}/wav.scp,speech,sound" \
-                    --key_file "${keys}" --output_dir "${out}/split/${job}" --ngpu "${inference_ngpu}" \
-                    ${extra} ${inference_args} &
-            done
-            wait_all || die "decoding ${set} with ${name} failed"
-            cat "${out}"/split/*/1best_recog/text_nospecial | LC_ALL=C sort > "${out}/text"
+            awk -v nj="${nj}" -v dir="${out}/logdir" '{ print $1 > (dir "/keys." ((NR - 1) % nj + 1) ".scp") }' \
+                "${test_dirs[${set}]}/wav.scp"
+            ${decode_cmd} --gpu "${inference_ngpu}" JOB=1:"${nj}" "${out}/logdir/s2t_inference.JOB.log" \
+                ${python} -m "${module}" --config "${inference_config}" \
+                --s2t_train_config "${config}" --s2t_model_file "${model_file}" \
+                --data_path_and_name_and_type "${test_dirs[${set}]}/wav.scp,speech,sound" \
+                --key_file "${out}/logdir/keys.JOB.scp" --output_dir "${out}/logdir/output.JOB" \
+                --ngpu "${inference_ngpu}" ${extra} ${inference_args} \
+                || { tail -n 30 "${out}"/logdir/s2t_inference.*.log >&2; die "decoding ${set} with ${name} failed, see ${out}/logdir"; }
+            cat "${out}"/logdir/output.*/1best_recog/text_nospecial | LC_ALL=C sort > "${out}/text"
         done
-    }
-    wait_all() {
-        local pid failed=0
-        for pid in $(jobs -p); do wait "${pid}" || failed=1; done
-        return ${failed}
     }
     decode base espnet2.bin.s2t_inference "${owsm}/config.yaml" "${owsm}/model.pth"
     sweep_runs=$(sweep_methods)
@@ -254,7 +257,7 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
     log "Stage 5: WER -> ${exp}/results.md, ${exp}/results.csv"
     sweep_runs=$(sweep_methods)
     ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods} ${sweep_runs}" \
-        --cleaners "${score_cleaners}"
+        --cleaners "${score_cleaners}" --breakdowns "${score_breakdowns}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

@@ -6,8 +6,11 @@
 References are the data dir's ``text.ctc`` (``text`` without its special tokens when there is no
 ``text.ctc``); hypotheses are ``<exp>/decode/<name>/<set>/text``. Both go through the recipes'
 one normalisation (``scoring.normalize_words``), so case, punctuation and number format never
-count. A test set whose ``utt2domain`` holds more than one domain (L2-ARCTIC: the speakers' first
-languages) also gets one WER per domain. With a
+count. Breakdowns (``--breakdowns``, default ``domain``): a test set whose ``utt2<label>`` holds
+more than one value also gets one WER per value, column ``<set> <value>`` for ``domain`` (L2-ARCTIC:
+the speakers' first languages) and ``<set> <label> <value>`` for any other label (``spk``: the
+speakers, Kaldi's ``utt2spk``; ``grade``: MyST's school grades, ``utt2grade`` from stage 1's
+``--student_grades``). A set without the file gets no such columns. With a
 set named ``source`` (speech of the kind the base model was trained on), ``forgetting`` is the
 source WER of a model minus that of the base. Trainable parameters come from ``peft_budget.json``
 of each PEFT run (full fine-tuning: every parameter of the model its config.yaml builds), the rank
@@ -41,6 +44,7 @@ from scoring import error_rates
 BASE = "base"
 MAIN = "main"  # the sweep of budget.csv's main runs
 SOURCE = "source"
+DOMAIN = "domain"
 SPECIAL_TOKEN = re.compile(r"<[^<>\s]*>")
 CLEANERS = ("whisper_en", "whisper_basic")  # ESPnet's TextCleaner names
 
@@ -80,16 +84,25 @@ def cleaned(texts: dict[str, str], cleaner: Callable[[str], str]) -> dict[str, s
     return {utt: cleaner(text) for utt, text in texts.items()}
 
 
-def domains_of(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
-    """Utterances per domain, when the set has more than one domain; else empty."""
-    path = data_dir / "utt2domain"
+def breakdown(data_dir: Path, utts: list[str], label: str) -> dict[str, list[str]]:
+    """Utterances per value of ``utt2<label>``, when the set has that file and more than one value;
+    else empty. Values sort as numbers where they are numbers (grade 3 before grade 10)."""
+    path = data_dir / f"utt2{label}"
     if not path.is_file():
         return {}
-    domain = read_table(path)
+    value_of = read_table(path)
     groups: dict[str, list[str]] = {}
     for utt in utts:
-        groups.setdefault(domain.get(utt, "?"), []).append(utt)
-    return dict(sorted(groups.items())) if len(groups) > 1 else {}
+        groups.setdefault(value_of.get(utt, "?"), []).append(utt)
+    order = sorted(
+        groups, key=lambda value: (not value.isdigit(), int(value) if value.isdigit() else 0, value)
+    )
+    return {value: groups[value] for value in order} if len(groups) > 1 else {}
+
+
+def breakdown_column(set_name: str, label: str, value: str) -> str:
+    """``<set> <value>`` for a domain, ``<set> <label> <value>`` for any other breakdown."""
+    return f"{set_name} {value}" if label == DOMAIN else f"{set_name} {label} {value}"
 
 
 def trainable_parameters(run_dir: Path) -> str:
@@ -129,10 +142,14 @@ def sweep_points(exp: Path) -> dict[str, tuple[str, str]]:
 
 
 def result_rows(
-    exp: Path, sets: dict[str, Path], names: list[str], cleaners: list[str] | None = None
+    exp: Path,
+    sets: dict[str, Path],
+    names: list[str],
+    cleaners: list[str] | None = None,
+    breakdowns: tuple[str, ...] = (DOMAIN,),
 ) -> list[dict[str, object]]:
-    """One row per model: its cost, its WER on each set (per domain too) and after each cleaner, and
-    its forgetting (and after each cleaner) when a ``source`` set is scored."""
+    """One row per model: its cost, its WER on each set (per value of each breakdown too) and after
+    each cleaner, and its forgetting (and after each cleaner) when a ``source`` set is scored."""
     cleaner_of = {name: text_cleaner(name) for name in cleaners or []}
     rows: list[dict[str, object]] = []
     points = {name: point for name, point in sweep_points(exp).items() if name in names}
@@ -159,8 +176,9 @@ def result_rows(
                 row[f"{set_name} WER {cleaner_name}"] = wer(
                     cleaned(refs, cleaner), cleaned(hyps, cleaner), utts
                 )
-            for domain, domain_utts in domains_of(data_dir, utts).items():
-                row[f"{set_name} {domain}"] = wer(refs, hyps, domain_utts)
+            for label in breakdowns:
+                for value, group in breakdown(data_dir, utts, label).items():
+                    row[breakdown_column(set_name, label, value)] = wer(refs, hyps, group)
         rows.append(row)
     base = next((row for row in rows if row["model"] == BASE), None)
     if SOURCE in sets and base is not None:
@@ -195,10 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         default="whisper_en",
         help=f"ESPnet text cleaners scored beside the plain normalisation ({', '.join(CLEANERS)}), or none",
     )
+    parser.add_argument(
+        "--breakdowns",
+        default=DOMAIN,
+        help="labels of utt2<label> files to give a WER per value of (domain, spk, grade), or none",
+    )
     args = parser.parse_args(argv)
     cleaners = [] if args.cleaners.strip() in ("", "none") else args.cleaners.split()
+    breakdowns = () if args.breakdowns.strip() in ("", "none") else tuple(args.breakdowns.split())
     try:
-        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split(), cleaners)
+        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split(), cleaners, breakdowns)
     except ScoreError as error:
         print(f"score.py: error: {error}", file=sys.stderr)
         return 1

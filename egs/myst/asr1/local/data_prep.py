@@ -8,6 +8,8 @@
       with --test_filter_list (ESPnet's egs2/myst/asr1/conf/file_list/test.list):
          <data_dir>/test_filter/                the test utterances the list names
          <data_dir>/local/test_filter_missing.txt   listed utterances that test does not hold
+      with --student_grades (lines "<student_id> <grade>"):
+         <data_dir>/<set>/utt2grade             each utterance's school grade (stage 5's per-grade WER)
 
 The speaker is the student (MyST's partitions are speaker-disjoint); utterance ids are
 ``<student_id>-<utt>``. A flac without a .trn (MyST transcribed 45 % of its utterances) is not
@@ -29,6 +31,11 @@ most 30 s; 10,328 utterances), named by the file stem <utt>. With --test_filter_
 an ESPnet checkout) selects the same utterances from this recipe's test set; a listed utterance that
 test does not hold (dropped here, or absent from this copy of the corpus) is written to
 ``local/test_filter_missing.txt`` and counted in the summary.
+
+MyST's audio tree does not say which grade (3-5) a student is in; with --student_grades, a
+two-column file of student ids and grades (from the corpus documentation or the study's own
+records), every set gets ``utt2grade``, and stage 5 a WER per grade. A student of a kept utterance
+that the file does not list stops stage 1 with the students named.
 """
 
 from __future__ import annotations
@@ -148,10 +155,41 @@ def _audio_length(flac: Path, max_seconds: float) -> tuple[int, str]:
     return info.frames, ""
 
 
+def read_student_grades(path: Path) -> dict[str, str]:
+    """{student id: grade} of a file of ``<student_id> <grade>`` lines."""
+    if not path.is_file():
+        raise CorpusError(
+            f"--student_grades {path} does not exist; give a file of '<student_id> <grade>' lines"
+        )
+    grades: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise CorpusError(f"--student_grades {path}:{number}: '{line}' is not '<student_id> <grade>'")
+        grades[fields[0]] = fields[1]
+    return grades
+
+
+def check_grades(split: str, utterances: list[Utterance], grades: dict[str, str]) -> None:
+    """Stop, naming them, when students of ``utterances`` have no grade in ``grades``."""
+    unlisted = sorted({u.speaker for u in utterances} - set(grades))
+    if unlisted:
+        shown = " ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")
+        raise CorpusError(f"--student_grades lists no grade for {len(unlisted)} students of {split}: {shown}")
+
+
+def write_grades(set_dir: Path, utterances: list[Utterance], grades: dict[str, str]) -> None:
+    """``<set_dir>/utt2grade``: the grade of each utterance's student, sorted by utterance."""
+    lines = [f"{u.utt_id} {grades[u.speaker]}\n" for u in sorted(utterances, key=lambda u: u.utt_id)]
+    (set_dir / "utt2grade").write_text("".join(lines), encoding="utf-8")
+
+
 def write_test_filter(
     data_dir: Path, test: list[Utterance], listed: set[str], lang_sym: str, task_sym: str
-) -> None:
-    """``<data_dir>/test_filter`` and the list of listed utterances test lacks."""
+) -> list[Utterance]:
+    """``<data_dir>/test_filter`` and the list of listed utterances test lacks; its utterances."""
     kept, missing = filtered_test(test, listed)
     if not kept:
         raise CorpusError(f"no test utterance is named by --test_filter_list ({len(listed)} names)")
@@ -160,6 +198,7 @@ def write_test_filter(
     write_data_dir(data_dir / "test_filter", kept, lang_sym, task_sym)
     counts = f"{len(kept)} utterances of the {len(listed)} listed"
     print(f"test_filter: {counts} ({len(missing)} not in test: {missing_list})")
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,20 +211,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test_filter_list", type=Path, help="ESPnet's egs2/myst/asr1/conf/file_list/test.list: test_filter"
     )
+    parser.add_argument(
+        "--student_grades", type=Path, help="'<student_id> <grade>' lines: utt2grade in every set"
+    )
     args = parser.parse_args(argv)
     try:
         root = find_data_root(args.corpus_dir)
         listed = read_utterance_list(args.test_filter_list) if args.test_filter_list else None
+        grades = read_student_grades(args.student_grades) if args.student_grades else None
+        prepared = {split: prepare_split(root / name, args.max_seconds) for name, split in SPLITS.items()}
+        for split, (kept, _, _) in prepared.items():
+            if grades is not None:  # before anything is written
+                check_grades(split, kept, grades)
         for corpus_split, split in SPLITS.items():
-            kept, dropped, untranscribed = prepare_split(root / corpus_split, args.max_seconds)
+            kept, dropped, untranscribed = prepared[split]
             dropped_list = args.data_dir / "local" / f"dropped_{split}.txt"
             write_dropped(dropped_list, dropped)
             if not kept:
                 raise CorpusError(f"{root / corpus_split}: no utterance is left; reasons in {dropped_list}")
             write_data_dir(args.data_dir / split, kept, args.lang_sym, args.task_sym)
+            if grades is not None:
+                write_grades(args.data_dir / split, kept, grades)
             print(f"{summary(split, kept, dropped)}; {untranscribed} flac files without a transcript")
             if split == "test" and listed is not None:
-                write_test_filter(args.data_dir, kept, listed, args.lang_sym, args.task_sym)
+                filtered = write_test_filter(args.data_dir, kept, listed, args.lang_sym, args.task_sym)
+                if grades is not None:
+                    write_grades(args.data_dir / "test_filter", filtered, grades)
     except CorpusError as error:
         print(f"data_prep.py: error: {error}", file=sys.stderr)
         return 1
