@@ -63,17 +63,22 @@ DIFFERENCE_COLUMNS = (
 
 class MergingScorer:
     """Per-utterance errors and error rates of decoded systems (``decode/<name>``, one per seed) on the
-    test splits of the data dir."""
+    test splits of the data dir; each decoding's errors are counted once, for its row and every
+    paired difference it enters."""
 
     def __init__(self, data: Path, exp: Path, domains: list[str], ood_domains: list[str]) -> None:
         self.data, self.exp, self.domains, self.ood_domains = data, exp, domains, ood_domains
         self.references = {
             d: read_table(data / f"{d}_test" / "text") for d in [*domains, *ood_domains, "source"]
         }
+        self.counted: dict[tuple[tuple[str, ...], str], tuple[np.ndarray, np.ndarray]] = {}
 
     def errors(self, decoded: list[str], test: str) -> tuple[np.ndarray, np.ndarray]:
         """(seeds x utterances word errors, reference words per utterance) on ``test``."""
-        return seed_errors(self.exp, decoded, self.references[test])
+        key = (tuple(decoded), test)
+        if key not in self.counted:
+            self.counted[key] = seed_errors(self.exp, decoded, self.references[test])
+        return self.counted[key]
 
     def pooled(self, decoded: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """The errors on several tests as one test (utterances side by side): ``decoded`` per test."""
