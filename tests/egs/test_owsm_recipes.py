@@ -340,7 +340,7 @@ def test_scoring_counts_normalised_words_per_set_and_domain_with_forgetting(tmp_
     data, exp = write_scoring_inputs(tmp_path)
     sets = f"test={data / 'test'} source={data / 'source'}"
     command = [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", sets, "--names", "base lora"]
-    result = run([*command, "--cleaners", "none"])
+    result = run([*command, "--cleaners", "none", "--sclite", "false"])
     assert result.returncode == 0, result.stderr
     assert "lacks 1 utterances" in result.stderr
     with (exp / "results.csv").open() as f:
@@ -367,7 +367,8 @@ def test_scoring_breaks_a_set_down_by_speaker_and_grade_in_numeric_order(tmp_pat
     (data / "test" / "utt2spk").write_text("a-1 a\nb-1 b\nb-2 b\n")
     (data / "test" / "utt2grade").write_text("a-1 10\nb-1 3\nb-2 10\n")
     command = [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", f"test={data / 'test'}"]
-    result = run([*command, "--names", "base lora", "--cleaners", "none", "--breakdowns", "domain spk grade"])
+    options = ["--cleaners", "none", "--sclite", "false"]
+    result = run([*command, "--names", "base lora", *options, "--breakdowns", "domain spk grade"])
     assert result.returncode == 0, result.stderr
     with (exp / "results.csv").open() as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
@@ -379,7 +380,7 @@ def test_scoring_breaks_a_set_down_by_speaker_and_grade_in_numeric_order(tmp_pat
         assert (row["test spk a"], row["test spk b"]) == (row["test arabic"], row["test korean"])
     assert (rows["base"]["test grade 3"], rows["base"]["test grade 10"]) == ("50.0", "0.0")
     assert (rows["lora"]["test grade 3"], rows["lora"]["test grade 10"]) == ("0.0", "60.0")
-    plain = run([*command, "--names", "base", "--cleaners", "none", "--breakdowns", "none"])
+    plain = run([*command, "--names", "base", *options, "--breakdowns", "none"])
     assert plain.returncode == 0
     assert (exp / "results.md").read_text().splitlines()[0] == "| model | trainable | rank or k | test WER |"
 
@@ -410,6 +411,31 @@ def test_scoring_with_espnets_whisper_en_cleaner_drops_fillers_beside_the_plain_
     assert (rows["base"]["test WER whisper_en"], rows["lora"]["test WER whisper_en"]) == ("14.29", "42.86")
     unknown = run([*command, "--names", "base", "--cleaners", "whisper_fr"])
     assert unknown.returncode == 1 and "unknown cleaner 'whisper_fr'" in unknown.stderr
+
+
+def test_scoring_with_sclite_as_espnet_writes_its_files_and_agrees_with_the_own_count(tmp_path: Path) -> None:
+    """sclite (SCTK) on the normalised words, speakers from utt2spk: ESPnet's score_wer files, its WER
+    beside the recipe's own (the same on these sentences)."""
+    from owsm.sclite import find_sclite
+
+    if find_sclite() is None:
+        pytest.skip("no sclite: make setup installs Debian's sctk")
+    data, exp = write_scoring_inputs(tmp_path)
+    (data / "test" / "utt2spk").write_text("a-1 a\nb-1 b\nb-2 b\n")
+    command = [sys.executable, "-m", "owsm.score", "--exp", str(exp), "--sets", f"test={data / 'test'}"]
+    result = run([*command, "--names", "base lora", "--cleaners", "none", "--sclite", "true"])
+    assert result.returncode == 0, result.stderr
+    with (exp / "results.csv").open() as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert [(row["test WER"], row["test WER sclite"]) for row in rows.values()] == [
+        ("14.29", "14.29"),
+        ("42.86", "42.86"),
+    ]
+    score_dir = exp / "decode" / "lora" / "test" / "score_wer"
+    assert (score_dir / "ref.trn").read_text() == "THE CAT SAT (a-a-1)\nONE TWO (b-b-1)\nIT'S FINE (b-b-2)\n"
+    assert (score_dir / "hyp.trn").read_text() == "THE CAT (a-a-1)\nONE TWO (b-b-1)\n (b-b-2)\n"
+    result_txt = (score_dir / "result.txt").read_text()
+    assert re.search(r"\|\s+b\s+\|\s+2\s+4\s+\|\s+50\.0\s+0\.0\s+50\.0\s+0\.0\s+50\.0", result_txt)
 
 
 def test_scoring_names_the_missing_decoding(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@
 #   stage 4  decode      the base model (zero-shot) and each method on ${test_sets} (and --source_test)
 #                        -> ${exp}/decode/<base|method>/<set>/text
 #   stage 5  score       WER per model and test set (per domain, grade or speaker: --score_breakdowns;
-#                        forgetting on source; also after ESPnet's whisper_en cleaner) -> ${exp}/results.{md,csv}
+#                        forgetting on source; also after ESPnet's whisper_en cleaner, and by sclite as
+#                        ESPnet scores, decode/<name>/<set>/score_wer/) -> ${exp}/results.{md,csv}
 # --sweeps "budget split allocation" adds the SSVD-O paper's sweeps (--sweeps_conf, default
 # egs/common/owsm/conf/sweeps.yaml): stage 3 writes each point as one more run, ${exp}/peft/<run>.yaml
 # and a budget.csv row (lora@x4, ssvd_o@outer0.5, lora@encoder, ...), and stages 3-5 train, decode and
@@ -51,6 +52,7 @@ inference_nj=1       # decoding jobs per model and test set, run at once
 source_test=""       # optional Kaldi-style dir (wav.scp, text or text.ctc) of the base model's own domain
 score_cleaners=whisper_en  # stage 5: ESPnet text cleaners scored beside the plain WER (none: the plain one only)
 score_breakdowns="domain grade"  # stage 5: a WER per value of each utt2<label> a test set holds (spk: speakers)
+score_sclite=auto    # stage 5: also NIST's sclite as ESPnet scores (auto: when installed; true; false)
 train_set=""
 valid_set=""
 test_sets=""
@@ -67,7 +69,7 @@ help_message='usage: ./run.sh --corpus_dir DIR --owsm_dir DIR [--model owsm_v3.1
           [--methods "full lora dora pissa ssvd ssvd_o"] [--budget METHOD|N|none] [--full_conf FILE]
           [--sweeps "budget split allocation"] [--sweeps_conf FILE]
           [--ngpu N] [--num_nodes N] [--train_launcher "torchrun --nproc_per_node N --no-python"] [--gpu_inference true|false] [--inference_nj N]
-          [--source_test DIR] [--score_cleaners whisper_en|none] [--score_breakdowns "domain grade spk"|none] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
+          [--source_test DIR] [--score_cleaners whisper_en|none] [--score_breakdowns "domain grade spk"|none] [--score_sclite auto|true|false] [--s2t_args "..."] [--inference_args "..."] [--local_data_opts "..."]
           [--peft_conf_dir DIR] [--inference_config FILE] [--inference_s2t_model FILE] [--data D] [--exp E] [--python P]'
 
 . ./path.sh
@@ -257,7 +259,7 @@ if [ ${stage} -le 5 ] && [ ${stop_stage} -ge 5 ]; then
     log "Stage 5: WER -> ${exp}/results.md, ${exp}/results.csv"
     sweep_runs=$(sweep_methods)
     ${python} -m owsm.score --exp "${exp}" --sets "${sets}" --names "base ${methods} ${sweep_runs}" \
-        --cleaners "${score_cleaners}" --breakdowns "${score_breakdowns}"
+        --cleaners "${score_cleaners}" --breakdowns "${score_breakdowns}" --sclite "${score_sclite}"
 fi
 
 log "Successfully finished stages ${stage}-${stop_stage}"

@@ -24,6 +24,10 @@ With ``--cleaners whisper_en`` (the default), each set also gets ``<set> WER whi
 with the cleaner ESPnet's published MyST numbers use (Whisper's English normaliser: fillers such as
 um, uh and hmm dropped, British spellings and number words standardised; from openai-whisper), then
 normalised as above. ``--cleaners none`` keeps the one normalisation only.
+
+With ``--sclite auto`` (the default: when NIST's sclite is found, ``owsm.sclite``) or ``true``, each
+set also gets ``<set> WER sclite``: the normalised words scored by sclite as ESPnet's s2t.sh scores
+(``<exp>/decode/<name>/<set>/score_wer/{ref.trn,hyp.trn,result.txt}``, speakers from ``utt2spk``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from pathlib import Path
 import yaml
 from kaldi_files import read_table
 from markdown_table import markdown_table
-from scoring import error_rates
+from scoring import error_rates, normalize_words
+
+from owsm.sclite import ScliteError, find_sclite, score_with_sclite
 
 BASE = "base"
 MAIN = "main"  # the sweep of budget.csv's main runs
@@ -82,6 +88,10 @@ def text_cleaner(name: str) -> Callable[[str], str]:
 
 def cleaned(texts: dict[str, str], cleaner: Callable[[str], str]) -> dict[str, str]:
     return {utt: cleaner(text) for utt, text in texts.items()}
+
+
+def normalised(texts: dict[str, str]) -> dict[str, str]:
+    return {utt: normalize_words(text) for utt, text in texts.items()}
 
 
 def breakdown(data_dir: Path, utts: list[str], label: str) -> dict[str, list[str]]:
@@ -147,6 +157,7 @@ def result_rows(
     names: list[str],
     cleaners: list[str] | None = None,
     breakdowns: tuple[str, ...] = (DOMAIN,),
+    sclite: str | None = None,
 ) -> list[dict[str, object]]:
     """One row per model: its cost, its WER on each set (per value of each breakdown too) and after
     each cleaner, and its forgetting (and after each cleaner) when a ``source`` set is scored."""
@@ -176,6 +187,12 @@ def result_rows(
                 row[f"{set_name} WER {cleaner_name}"] = wer(
                     cleaned(refs, cleaner), cleaned(hyps, cleaner), utts
                 )
+            if sclite is not None:
+                speakers = read_table(data_dir / "utt2spk") if (data_dir / "utt2spk").is_file() else {}
+                counts = score_with_sclite(
+                    sclite, hyp_file.parent / "score_wer", normalised(refs), normalised(hyps), utts, speakers
+                )
+                row[f"{set_name} WER sclite"] = round(counts.percent, 2)
             for label in breakdowns:
                 for value, group in breakdown(data_dir, utts, label).items():
                     row[breakdown_column(set_name, label, value)] = wer(refs, hyps, group)
@@ -218,12 +235,26 @@ def main(argv: list[str] | None = None) -> int:
         default=DOMAIN,
         help="labels of utt2<label> files to give a WER per value of (domain, spk, grade), or none",
     )
+    parser.add_argument(
+        "--sclite",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="also score with NIST's sclite as ESPnet does (auto: when it is installed)",
+    )
     args = parser.parse_args(argv)
+    sclite = find_sclite() if args.sclite != "false" else None
+    if args.sclite == "true" and sclite is None:
+        print(
+            "score.py: error: --sclite true but no sclite: install SCTK (Debian: apt-get install sctk; "
+            "ESPnet: tools/installers/install_sctk.sh, then ESPNET_ROOT) or give --sclite auto",
+            file=sys.stderr,
+        )
+        return 1
     cleaners = [] if args.cleaners.strip() in ("", "none") else args.cleaners.split()
     breakdowns = () if args.breakdowns.strip() in ("", "none") else tuple(args.breakdowns.split())
     try:
-        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split(), cleaners, breakdowns)
-    except ScoreError as error:
+        rows = result_rows(args.exp, parse_sets(args.sets), args.names.split(), cleaners, breakdowns, sclite)
+    except (ScoreError, ScliteError) as error:
         print(f"score.py: error: {error}", file=sys.stderr)
         return 1
     (args.exp / "results.md").write_text(markdown(rows), encoding="utf-8")
