@@ -130,8 +130,6 @@ for sweep in sys.argv[2].split():
     print(*runs)' "${exp}/peft/budget.csv" "${sweeps}" "$(basename "$0")"
 }
 
-
-
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     [ -n "${corpus_dir}" ] || die "stage 1 needs the corpus root: set it in the recipe's db.sh or pass --corpus_dir (see README.md)"
     log "Stage 1: data dirs of ${corpus_dir} -> ${data}"
