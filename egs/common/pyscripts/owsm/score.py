@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 from kaldi_files import read_table
 from markdown_table import markdown_table
-from scoring import error_rates, normalize_words
+from scoring import ErrorRate, normalize_words, utterance_errors
 
 from owsm.sclite import ScliteError, find_sclite, score_with_sclite
 
@@ -65,9 +65,15 @@ def references(data_dir: Path) -> dict[str, str]:
     return {utt: SPECIAL_TOKEN.sub(" ", text) for utt, text in texts.items()}
 
 
-def wer(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> float:
-    """WER in percent over ``utts``, to two decimals."""
-    return round(error_rates(refs, hyps, utts)[0].percent, 2)
+def word_errors(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> dict[str, ErrorRate]:
+    """Each utterance's word errors (normalised words), counted once for the set and every group."""
+    return {utt: words for utt, (words, _) in zip(utts, utterance_errors(refs, hyps, utts), strict=True)}
+
+
+def wer(errors: dict[str, ErrorRate], utts: list[str]) -> float:
+    """WER in percent over ``utts`` (errors and reference words summed), to two decimals."""
+    total = ErrorRate(sum(errors[utt].errors for utt in utts), sum(errors[utt].length for utt in utts))
+    return round(total.percent, 2)
 
 
 def text_cleaner(name: str) -> Callable[[str], str]:
@@ -182,10 +188,11 @@ def result_rows(
             if missing:
                 print(f"score.py: warning: {hyp_file} lacks {missing} utterances (empty)", file=sys.stderr)
             utts = sorted(refs)
-            row[f"{set_name} WER"] = wer(refs, hyps, utts)
+            errors = word_errors(refs, hyps, utts)
+            row[f"{set_name} WER"] = wer(errors, utts)
             for cleaner_name, cleaner in cleaner_of.items():
                 row[f"{set_name} WER {cleaner_name}"] = wer(
-                    cleaned(refs, cleaner), cleaned(hyps, cleaner), utts
+                    word_errors(cleaned(refs, cleaner), cleaned(hyps, cleaner), utts), utts
                 )
             if sclite is not None:
                 speakers = read_table(data_dir / "utt2spk") if (data_dir / "utt2spk").is_file() else {}
@@ -195,7 +202,7 @@ def result_rows(
                 row[f"{set_name} WER sclite"] = round(counts.percent, 2)
             for label in breakdowns:
                 for value, group in breakdown(data_dir, utts, label).items():
-                    row[breakdown_column(set_name, label, value)] = wer(refs, hyps, group)
+                    row[breakdown_column(set_name, label, value)] = wer(errors, group)
         rows.append(row)
     base = next((row for row in rows if row["model"] == BASE), None)
     if SOURCE in sets and base is not None:

@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         listed = read_utterance_list(args.test_filter_list) if args.test_filter_list else None
         grades = read_student_grades(args.student_grades) if args.student_grades else None
         prepared = {split: prepare_split(root / name, args.max_seconds) for name, split in SPLITS.items()}
-        for split, (kept, _, _) in prepared.items():
-            if grades is not None:  # before anything is written
+        if grades is not None:  # every student checked before anything is written
+            for split, (kept, _, _) in prepared.items():
                 check_grades(split, kept, grades)
         for corpus_split, split in SPLITS.items():
             kept, dropped, untranscribed = prepared[split]
