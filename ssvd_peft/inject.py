@@ -48,7 +48,7 @@ def inject_adapters(
         raise TypeError("pass options either inside the config object or with a method name, not both")
     plan = estimate_budget(model, config, adapter_name)
     for planned in plan.modules:
-        _check_can_add(planned.name, model.get_submodule(planned.name), adapter_name, config.method)
+        _check_can_add(planned.name, model.get_submodule(planned.name), adapter_name)
     touched: list[_Touched] = []
     try:
         for planned in plan.modules:
@@ -117,8 +117,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(iter_adapter_layers(model)):
         if layer.active_adapter is not None:
             layer.merge()
-        else:
-            _release_all(layer)
         _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).clear()
     detach_model_parts(model)
@@ -140,7 +138,6 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and give back the original ``nn.Linear`` layers and weights."""
     for name, layer in list(iter_adapter_layers(model)):
         layer.unmerge()
-        _release_all(layer)
         _replace(model, name, layer.base_layer)
     getattr(model, "peft_config", {}).clear()
     detach_model_parts(model)
@@ -176,7 +173,7 @@ def _in_saved_module(parameter_name: str, modules_to_save: list[str]) -> bool:
     return any(matches(pattern, prefix) for pattern in modules_to_save for prefix in prefixes)
 
 
-def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) -> None:
+def _check_can_add(name: str, layer: nn.Module, adapter_name: str) -> None:
     if not isinstance(layer, AdapterLinear) or not layer.peft_adapters:
         return
     if adapter_name in layer.peft_adapters:
@@ -188,14 +185,6 @@ def _check_can_add(name: str, layer: nn.Module, adapter_name: str, method: str) 
         raise PeftConfigError(
             f"module {name!r} has adapter {layer.merged_adapter!r} merged into its weight, so a new "
             "adapter would be built from the merged weight; call unmerge_adapters(model) first"
-        )
-    owner = next(((n, a) for n, a in layer.peft_adapters.items() if a.rewrites_base), None)
-    if owner is not None or get_method(method).rewrites_base:
-        who = f"adapter {owner[0]!r} ({type(owner[1]).__name__})" if owner else f"a {method} adapter"
-        raise PeftConfigError(
-            f"module {name!r}: {who} rewrites the base weight, so it cannot share a layer with other "
-            f"adapters (this layer has {list(layer.peft_adapters)}); use separate model copies or "
-            "unload the existing adapters first"
         )
 
 
@@ -214,7 +203,7 @@ class _Touched:
         return cls(name, module, active, tuple(p.requires_grad for p in module.parameters()))
 
     def restore(self, model: nn.Module, adapter_name: str) -> None:
-        """Remove ``adapter_name`` (which undoes its change to the base weight) and any new wrapper."""
+        """Remove ``adapter_name`` and any new wrapper."""
         current = model.get_submodule(self.name)
         if isinstance(current, AdapterLinear) and adapter_name in current.peft_adapters:
             current.delete_adapter(adapter_name)
@@ -236,8 +225,3 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def _release_all(layer: AdapterLinear) -> None:
-    for adapter in layer.peft_adapters.values():
-        adapter.release(layer.base_layer)

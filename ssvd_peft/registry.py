@@ -36,9 +36,9 @@ class Method:
 
     name: what configs, YAML blocks and files call it; config: its config class (builds the
     adapter of one layer and counts its parameters); adapter: the class of its layer adapters
-    (which says whether it ``rewrites_base`` and whether it has an ``exact_merge``); knob: the
-    option ``equal_budget_configs`` searches to meet a budget; model_part: a part that lives on
-    the model rather than on one layer (HDMoLE's domain router), or None.
+    (which says whether it has an ``exact_merge``); knob: the option ``equal_budget_configs``
+    searches to meet a budget; model_part: a part that lives on the model rather than on one
+    layer (HDMoLE's domain router), or None.
     """
 
     name: str
@@ -46,11 +46,6 @@ class Method:
     adapter: type[Adapter]
     knob: str
     model_part: type[ModelPart] | None = None
-
-    @property
-    def rewrites_base(self) -> bool:
-        """Creating an adapter changes the base weight (it then owns its layer alone)."""
-        return self.adapter.rewrites_base
 
     @property
     def exact_merge(self) -> bool:

@@ -66,7 +66,7 @@ def test_round_trip_into_a_fresh_copy_of_the_base_gives_identical_outputs(method
 
 @pytest.mark.parametrize("svd_method", ["full", "randomized"])
 def test_pissa_reloads_to_the_trained_model_whatever_the_random_state(svd_method, inputs, tmp_path):
-    """The residual comes from the saved A0, B0, not from a new (randomized) SVD at load time."""
+    """The principal part comes from the saved A0, B0, not from a new (randomized) SVD at load time."""
     base = TinyNet()
     inject_adapters(base, "pissa", target_modules=TARGETS, rank=4, svd_method=svd_method, svd_niter=1)
     with torch.no_grad():

@@ -9,7 +9,7 @@ dict loaded back, DistributedDataParallel (two gloo processes) and bfloat16. The
 
 Stated tolerances: outputs are bitwise equal where the path computes the same thing (switches,
 reload, resume, DDP); a merge folds the update into W in float32 (relative 1e-5 in float32, 5e-2
-in bfloat16); PiSSA's unmerge is bitwise (it rebuilds W_res from the kept W).
+in bfloat16), and unmerging subtracts it again to the same precision.
 """
 
 from __future__ import annotations
@@ -114,10 +114,7 @@ def test_merge_keeps_the_output_and_unmerge_restores_the_weights(case):
     unmerge_adapters(model)
     assert relative_error(model(x), adapted) < 1e-5
     for name, weight in base_weights(model).items():
-        if CASES[case][0] == "pissa":
-            assert torch.equal(weight, weights[name]), name
-        else:
-            assert relative_error(weight, weights[name]) < 1e-6, name
+        assert relative_error(weight, weights[name]) < 1e-6, name
 
 
 @pytest.mark.parametrize("case", MERGEABLE)

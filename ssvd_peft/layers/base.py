@@ -9,9 +9,9 @@ model loads into the wrapped model and back.
 Every adapter's trainable parameters live under ``peft_adapters.<adapter name>.``, the one
 name segment that freeze and save filters look for.
 
-The state dict always holds the ORIGINAL base weight W under ``weight``: while an adapter is
-merged (W' in the layer), and while PiSSA keeps its residual W_res in the layer. So a state
-dict means "base + adapter" in every state, and loading it never applies an adapter twice.
+The state dict always holds the ORIGINAL base weight W under ``weight``, also while an adapter
+is merged (W' in the layer). So a state dict means "base + adapter" in every state, and loading
+it never applies an adapter twice.
 Loading into a merged layer is refused (unmerge first).
 """
 
@@ -61,12 +61,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class Adapter(nn.Module, ABC):
     """One method's adapter of one linear layer: its trainable parameters and its math.
 
-    ``rewrites_base``: creating it changes the base weight (it then owns the layer alone and
-    implements ``original_base_weight``, ``keep_original`` and ``rebase``); ``exact_merge``: its
-    update is one weight matrix (``delta_weight``), so merging is exact.
+    ``exact_merge``: its update is one weight matrix (``delta_weight``), so merging is exact.
+    Creating an adapter never changes the base weight.
     """
 
-    rewrites_base: ClassVar[bool] = False
     exact_merge: ClassVar[bool] = True
 
     @abstractmethod
@@ -97,23 +95,6 @@ class Adapter(nn.Module, ABC):
     def unmerge_from(self, base_layer: nn.Linear) -> None:
         """Restore the weight that ``merge_into`` changed."""
         base_layer.weight.data.copy_(self.unmerged_weight(base_layer.weight))
-
-    def release(self, base_layer: nn.Linear) -> None:
-        """Undo any change the adapter made to the base layer when it was created."""
-
-    def original_base_weight(self, base_layer: nn.Linear) -> torch.Tensor:
-        """The base weight as it was before this adapter rewrote it (only if ``rewrites_base``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not rewrite the base weight")
-
-    def keep_original(self, weight: torch.Tensor) -> None:
-        """Take ``weight`` as the original base weight (a state dict is being loaded; only if
-        ``rewrites_base``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not rewrite the base weight")
-
-    def rebase(self, base_layer: nn.Linear) -> None:
-        """Rewrite the base layer from the kept original weight and the adapter's frozen state
-        (only if ``rewrites_base``); runs after every state-dict load."""
-        raise NotImplementedError(f"{type(self).__name__} does not rewrite the base weight")
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -153,7 +134,6 @@ class AdapterLinear(nn.Module):
         self.base_fingerprint = weight_fingerprint(base_layer.weight)
         self._register_state_dict_hook(_original_base_on_save)
         self._register_load_state_dict_pre_hook(_original_base_on_load, with_module=True)
-        self.register_load_state_dict_post_hook(_rebase_after_load)
 
     @property
     def in_features(self) -> int:
@@ -189,7 +169,6 @@ class AdapterLinear(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
             self.unmerge()
-        self.peft_adapters[name].release(self.base_layer)
         del self.peft_adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -223,16 +202,9 @@ class AdapterLinear(nn.Module):
         self.peft_adapters[self.merged_adapter].unmerge_from(self.base_layer)
         self.merged_adapter = None
 
-    def base_owner(self) -> Adapter | None:
-        """The adapter that rewrote the base weight (PiSSA), if any; it is the layer's only adapter."""
-        return next((a for a in self.peft_adapters.values() if a.rewrites_base), None)
-
     def original_weight(self) -> torch.Tensor | None:
-        """The base weight W without any adapter, when ``base_layer.weight`` holds something else
-        (an owner's rewrite, or a merged W'); None when it holds W."""
-        owner = self.base_owner()
-        if owner is not None:
-            return owner.original_base_weight(self.base_layer)
+        """The base weight W without the merged adapter, when ``base_layer.weight`` holds a merged
+        W'; None when it holds W."""
         if self.merged_adapter is not None:
             return self.peft_adapters[self.merged_adapter].unmerged_weight(self.base_layer.weight)
         return None
@@ -250,7 +222,7 @@ class AdapterLinear(nn.Module):
 def _original_base_on_save(
     module: AdapterLinear, state_dict: dict[str, Any], prefix: str, _meta: Any
 ) -> None:
-    """Store the base parameters under their original names and values (W, not W' or W_res)."""
+    """Store the base parameters under their original names and values (W, not a merged W')."""
     for name in ("weight", "bias"):
         key = f"{prefix}base_layer.{name}"
         if key in state_dict:
@@ -263,7 +235,7 @@ def _original_base_on_save(
 def _original_base_on_load(
     module: AdapterLinear, state_dict: dict[str, Any], prefix: str, *_args: Any
 ) -> None:
-    """Read original base parameters into the wrapped layer; an owner keeps the original W."""
+    """Read original base parameters into the wrapped layer (refused while an adapter is merged)."""
     if module.merged_adapter is not None and any(key.startswith(prefix) for key in state_dict):
         raise RuntimeError(
             f"cannot load a state dict into {prefix.rstrip('.') or 'the layer'} while adapter "
@@ -273,14 +245,3 @@ def _original_base_on_load(
         key = f"{prefix}{name}"
         if key in state_dict:
             state_dict[f"{prefix}base_layer.{name}"] = state_dict.pop(key)
-    owner = module.base_owner()
-    key = f"{prefix}base_layer.weight"
-    if owner is not None and key in state_dict:
-        owner.keep_original(state_dict[key])
-
-
-def _rebase_after_load(module: AdapterLinear, _incompatible_keys: Any) -> None:
-    """After a load (base weight and/or the owner's frozen factors), rewrite the base again."""
-    owner = module.base_owner()
-    if owner is not None:
-        owner.rebase(module.base_layer)
