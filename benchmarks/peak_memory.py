@@ -4,6 +4,7 @@ PEFT method at the OWSM recipes' budget, with and without ESPnet's activation ch
     python benchmarks/peak_memory.py                              # 0.1B and 0.37B
     python benchmarks/peak_memory.py --sizes 1b --checkpointing on --methods full lora ssvd_o
     python benchmarks/peak_memory.py --quick                      # toy size, a smoke test
+    python benchmarks/peak_memory.py --sizes 1b --flops-only      # the work of a step only
 
 Models: OWSM v3.1's architectures with random weights (``owsm_shapes.py``): ``0.1b`` (base, 101M),
 ``0.37b`` (small, 367M), ``1b`` (medium, 1.02B). Every system is built as ``s2t_train`` builds it:
@@ -25,7 +26,11 @@ resident memory before the model was built (Python, torch, ESPnet: the ``floor``
 what a GPU would hold: weights, gradients, optimizer state, activations (and what the CPU kernels
 keep between steps). ``step s`` is the second step's wall time; ``activations`` the bytes autograd
 saves for the backward pass in one training forward (``autograd_memory.py``; parameters excluded;
-with checkpointing, only what the checkpointed blocks keep at their boundaries).
+with checkpointing, only what the checkpointed blocks keep at their boundaries). ``TFLOP`` is the
+floating-point work of one training step, forward and backward (checkpointed blocks' second forward
+included), counted by ``torch.utils.flop_counter`` over the matrix products, convolutions and
+attention: a GPU's step time is about TFLOP over its sustained rate. ``--flops-only`` counts it
+without the memory and time steps (one forward and backward per system, no optimizer state).
 
 Target: every PEFT method's peak at most 0.6x full fine-tuning's at 0.37B and above, with the same
 checkpointing setting.
@@ -67,6 +72,7 @@ class Job:
     checkpointing: bool
     utterances: int
     work_dir: str
+    flops_only: bool = False
 
 
 def system_config(config: dict[str, Any], job: Job) -> dict[str, Any]:
@@ -120,9 +126,22 @@ def build_system(job: Job) -> tuple[Any, list[str]]:
     return model.train(), config["token_list"]
 
 
+def training_step_flops(model: Any, batch: dict[str, Any]) -> int:
+    """Floating-point operations of one forward and backward pass of ``model`` on ``batch`` (matrix
+    products, convolutions, attention; 2 per multiply-add), gradients left cleared."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        output = model(**batch)
+        (output[0] if isinstance(output, tuple) else output).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def worker(job: Job) -> dict[str, float]:
     """Build the system and run two training steps in this process: {"trainable", "floor_mb",
-    "model_mb", "peak_mb", "step_seconds", "activations_mb"} (peak and model above the floor)."""
+    "model_mb", "peak_mb", "step_seconds", "activations_mb", "tflop"} (peak and model above the
+    floor)."""
     import torch
     from autograd_memory import saved_for_backward_bytes
     from owsm_shapes import s2t_batch
@@ -138,6 +157,9 @@ def worker(job: Job) -> dict[str, float]:
     model, token_list = build_system(job)
     batch = s2t_batch(token_list, job.utterances, SECONDS, WORDS, torch.Generator().manual_seed(0))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if job.flops_only:
+        flops = training_step_flops(model, batch)
+        return {"trainable": sum(p.numel() for p in trainable), "tflop": flops / 1e12}
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     release_freed_memory()  # what building left behind (the pretrained file, SVD workspaces) is not counted
     model_mb = memory_status_mb("VmRSS") - floor
@@ -152,6 +174,7 @@ def worker(job: Job) -> dict[str, float]:
         seconds = time.perf_counter() - start
     peak_mb = memory_status_mb("VmHWM") - floor
     activations = saved_for_backward_bytes(model, **batch)
+    flops = training_step_flops(model, batch)
     return {
         "trainable": sum(p.numel() for p in trainable),
         "floor_mb": floor,
@@ -159,6 +182,7 @@ def worker(job: Job) -> dict[str, float]:
         "peak_mb": peak_mb,
         "step_seconds": seconds,
         "activations_mb": activations / MB,
+        "tflop": flops / 1e12,
     }
 
 
@@ -180,7 +204,7 @@ def report(rows: list[tuple[Job, dict[str, float]]]) -> int:
     number of missed targets."""
     header = (
         f"{'size':<6} {'ckpt':<4} {'method':<7} {'trainable':>13} {'model MB':>9} {'peak MB':>9} "
-        f"{'x full':>7} {'activations MB':>15} {'step s':>8} {'x full':>7}"
+        f"{'x full':>7} {'activations MB':>15} {'step s':>8} {'x full':>7} {'TFLOP':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -201,12 +225,28 @@ def report(rows: list[tuple[Job, dict[str, float]]]) -> int:
             f"{job.size:<6} {setting:<4} {job.method:<7} {result['trainable']:>13,} "
             f"{result['model_mb']:>9.0f} {result['peak_mb']:>9.0f} {peak_ratio:>7.2f} "
             f"{result['activations_mb']:>15.0f} "
-            f"{result['step_seconds']:>8.2f} {step_ratio:>7.2f}{verdict}"
+            f"{result['step_seconds']:>8.2f} {step_ratio:>7.2f} {result['tflop']:>8.3f}{verdict}"
         )
     floors = sorted(result["floor_mb"] for _, result in rows)
     print(f"floor (imports, not counted): {floors[0]:.0f}-{floors[-1]:.0f} MB")
     print(f"target: PEFT peak <= {PEAK_TARGET} x full fine-tuning's at {' and '.join(TARGET_SIZES)}")
     return missed
+
+
+def report_flops(rows: list[tuple[Job, dict[str, float]]]) -> None:
+    """Print the work of one training step per system, against full fine-tuning's."""
+    header = f"{'size':<6} {'ckpt':<4} {'method':<7} {'trainable':>13} {'TFLOP':>8} {'x full':>7}"
+    print(header)
+    print("-" * len(header))
+    full = {(job.size, job.checkpointing): result for job, result in rows if job.method == "full"}
+    for job, result in rows:
+        reference = full.get((job.size, job.checkpointing))
+        ratio = result["tflop"] / reference["tflop"] if reference else float("nan")
+        setting = "on" if job.checkpointing else "off"
+        print(
+            f"{job.size:<6} {setting:<4} {job.method:<7} {result['trainable']:>13,} "
+            f"{result['tflop']:>8.3f} {ratio:>7.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=2, help="utterances of 30 s per batch")
     parser.add_argument("--quick", action="store_true", help="toy model size (smoke test)")
     parser.add_argument("--work-dir", type=Path, default=Path("exp/peak_memory"), help="random base models")
+    parser.add_argument(
+        "--flops-only", action="store_true", help="count each training step's work; no memory or time"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -228,14 +271,24 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         for checkpointing in args.checkpointing:
             for method in args.methods:
-                job = Job(size, method, checkpointing == "on", args.utterances, str(args.work_dir.resolve()))
+                job = Job(
+                    size,
+                    method,
+                    checkpointing == "on",
+                    args.utterances,
+                    str(args.work_dir.resolve()),
+                    args.flops_only,
+                )
                 try:
                     rows.append((job, run_worker(job)))
                 except RuntimeError as error:  # e.g. killed for want of memory: the other rows still count
                     print(error, file=sys.stderr)
                     failed += 1
-    missed = report(rows)
-    print(f"{missed} target(s) missed" if missed else "every target met")
+    if args.flops_only:
+        report_flops(rows)
+    else:
+        missed = report(rows)
+        print(f"{missed} target(s) missed" if missed else "every target met")
     if failed:
         print(f"{failed} system(s) failed (see above)")
     return 1 if failed else 0

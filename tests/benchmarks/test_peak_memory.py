@@ -56,3 +56,42 @@ def test_a_quick_run_prints_a_row_per_method_and_setting(tmp_path, capsys):
     settings = [(row[1], row[2]) for row in rows]
     assert settings == [("off", "full"), ("off", "lora"), ("on", "full"), ("on", "lora")]
     assert all(float(row[5]) > 0 and float(row[7]) > 0 and float(row[8]) > 0 for row in rows)
+
+
+class TwoLinears(torch.nn.Module):
+    """x -> W2 (W1 x): the loss is the sum of the output."""
+
+    def __init__(self, frozen_first: bool) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False)
+        self.first.requires_grad_(not frozen_first)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.second(self.first(x)).sum(),)
+
+
+@pytest.mark.parametrize("frozen_first", [False, True])
+def test_a_training_step_counts_the_forward_and_every_gradient_product(frozen_first):
+    """Forward 2 b (6*5 + 5*3); backward: the second layer's weight gradient, and unless the first
+    layer is frozen its weight gradient and the second layer's input gradient that feeds it (the
+    data itself needs no gradient)."""
+    batch = 4
+    model = TwoLinears(frozen_first)
+    flops = bench.training_step_flops(model, {"x": torch.randn(batch, 6)})
+    forward = 2 * batch * (6 * 5 + 5 * 3)
+    backward = 2 * batch * 5 * 3 + (0 if frozen_first else 2 * batch * (5 * 3 + 6 * 5))
+    assert flops == forward + backward
+    assert all(p.grad is None for p in model.parameters()), "gradients are cleared"
+
+
+def test_flops_only_prints_the_work_of_each_step_against_full_fine_tuning(tmp_path, capsys):
+    bench.main(["--quick", "--methods", "full", "lora", "--flops-only", "--work-dir", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quick")]
+    assert [(row[1], row[2]) for row in rows] == [
+        ("off", "full"),
+        ("off", "lora"),
+        ("on", "full"),
+        ("on", "lora"),
+    ]
+    assert float(rows[0][5]) == 1.0 and float(rows[2][5]) == 1.0
+    assert float(rows[1][5]) < 1.0, "no weight gradients of the frozen base"
