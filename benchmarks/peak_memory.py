@@ -126,12 +126,38 @@ def build_system(job: Job) -> tuple[Any, list[str]]:
     return model.train(), config["token_list"]
 
 
+def convolution_backward_flops(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: int,
+    output_mask: list[bool],
+    out_shape: Any = None,
+) -> int:
+    """The work of ``convolution_backward``: each gradient it computes (input, weight) costs what the
+    forward convolution costs. torch's own formula counts a grouped convolution's weight gradient
+    ``groups`` times over (a depthwise convolution of C channels: C times), which would make the
+    E-Branchformer's depthwise convolutions dominate full fine-tuning's count."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def training_step_flops(model: Any, batch: dict[str, Any]) -> int:
     """Floating-point operations of one forward and backward pass of ``model`` on ``batch`` (matrix
     products, convolutions, attention; 2 per multiply-add), gradients left cleared."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    corrected = {torch.ops.aten.convolution_backward: convolution_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=corrected) as counter:
         output = model(**batch)
         (output[0] if isinstance(output, tuple) else output).backward()
     model.zero_grad(set_to_none=True)

@@ -95,3 +95,20 @@ def test_flops_only_prints_the_work_of_each_step_against_full_fine_tuning(tmp_pa
     ]
     assert float(rows[0][5]) == 1.0 and float(rows[2][5]) == 1.0
     assert float(rows[1][5]) < 1.0, "no weight gradients of the frozen base"
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True])
+def test_a_depthwise_convolutions_gradients_each_cost_its_forward(input_needs_grad):
+    """Forward 2 b L_out C k for a depthwise Conv1d of C channels; each gradient (weight, and the
+    input's when it needs one) as much again, not C times as much."""
+    channels, length, kernel, batch = 8, 20, 3, 2
+    conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, bias=False)
+
+    class Depthwise(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (conv(x).sum(),)
+
+    x = torch.randn(batch, channels, length, requires_grad=input_needs_grad)
+    flops = bench.training_step_flops(Depthwise(), {"x": x})
+    forward = 2 * batch * (length - kernel + 1) * channels * kernel
+    assert flops == forward * (3 if input_needs_grad else 2)
