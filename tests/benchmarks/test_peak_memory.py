@@ -51,10 +51,12 @@ def test_adapters_get_the_same_gradients_with_activation_checkpointing(tmp_path,
 
 
 def test_a_quick_run_prints_a_row_per_method_and_setting(tmp_path, capsys):
-    bench.main(["--quick", "--methods", "full", "lora", "--work-dir", str(tmp_path)])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quick")]
+    code = bench.main(["--quick", "--methods", "full", "lora", "--work-dir", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    rows = [line.split() for line in printed.out.splitlines() if line.startswith("quick")]
     settings = [(row[1], row[2]) for row in rows]
-    assert settings == [("off", "full"), ("off", "lora"), ("on", "full"), ("on", "lora")]
+    assert settings == [("off", "full"), ("off", "lora"), ("on", "full"), ("on", "lora")], printed.err
     assert all(float(row[5]) > 0 and float(row[7]) > 0 and float(row[8]) > 0 for row in rows)
 
 
@@ -85,14 +87,12 @@ def test_a_training_step_counts_the_forward_and_every_gradient_product(frozen_fi
 
 
 def test_flops_only_prints_the_work_of_each_step_against_full_fine_tuning(tmp_path, capsys):
-    bench.main(["--quick", "--methods", "full", "lora", "--flops-only", "--work-dir", str(tmp_path)])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("quick")]
-    assert [(row[1], row[2]) for row in rows] == [
-        ("off", "full"),
-        ("off", "lora"),
-        ("on", "full"),
-        ("on", "lora"),
-    ]
+    code = bench.main(["--quick", "--methods", "full", "lora", "--flops-only", "--work-dir", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    rows = [line.split() for line in printed.out.splitlines() if line.startswith("quick")]
+    settings = [(row[1], row[2]) for row in rows]
+    assert settings == [("off", "full"), ("off", "lora"), ("on", "full"), ("on", "lora")], printed.err
     assert float(rows[0][5]) == 1.0 and float(rows[2][5]) == 1.0
     assert float(rows[1][5]) < 1.0, "no weight gradients of the frozen base"
 
