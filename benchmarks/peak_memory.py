@@ -1,5 +1,6 @@
-"""Peak memory and time of one training step of OWSM-shaped models: full fine-tuning against every
-PEFT method at the OWSM recipes' budget, with and without ESPnet's activation checkpointing.
+"""Peak memory and time, or the floating-point work, of one training step of OWSM-shaped models:
+full fine-tuning against every PEFT method at the OWSM recipes' budget, with and without ESPnet's
+activation checkpointing.
 
     python benchmarks/peak_memory.py                              # 0.1B and 0.37B
     python benchmarks/peak_memory.py --sizes 1b --checkpointing on --methods full lora ssvd_o
@@ -26,11 +27,12 @@ resident memory before the model was built (Python, torch, ESPnet: the ``floor``
 what a GPU would hold: weights, gradients, optimizer state, activations (and what the CPU kernels
 keep between steps). ``step s`` is the second step's wall time; ``activations`` the bytes autograd
 saves for the backward pass in one training forward (``autograd_memory.py``; parameters excluded;
-with checkpointing, only what the checkpointed blocks keep at their boundaries). ``TFLOP`` is the
-floating-point work of one training step, forward and backward (checkpointed blocks' second forward
-included), counted by ``torch.utils.flop_counter`` over the matrix products, convolutions and
-attention: a GPU's step time is about TFLOP over its sustained rate. ``--flops-only`` counts it
-without the memory and time steps (one forward and backward per system, no optimizer state).
+with checkpointing, only what the checkpointed blocks keep at their boundaries).
+
+``--flops-only`` measures instead the floating-point work of one training step, forward and backward
+(checkpointed blocks' second forward included), counted by ``torch.utils.flop_counter`` over the
+matrix products, convolutions and attention: a GPU's step time is about that work over its
+sustained rate.
 
 Target: every PEFT method's peak at most 0.6x full fine-tuning's at 0.37B and above, with the same
 checkpointing setting.
@@ -166,8 +168,8 @@ def training_step_flops(model: Any, batch: dict[str, Any]) -> int:
 
 def worker(job: Job) -> dict[str, float]:
     """Build the system and run two training steps in this process: {"trainable", "floor_mb",
-    "model_mb", "peak_mb", "step_seconds", "activations_mb", "tflop"} (peak and model above the
-    floor)."""
+    "model_mb", "peak_mb", "step_seconds", "activations_mb"} (peak and model above the floor);
+    with ``flops_only``, only {"trainable", "tflop"}."""
     import torch
     from autograd_memory import saved_for_backward_bytes
     from owsm_shapes import s2t_batch
@@ -200,7 +202,6 @@ def worker(job: Job) -> dict[str, float]:
         seconds = time.perf_counter() - start
     peak_mb = memory_status_mb("VmHWM") - floor
     activations = saved_for_backward_bytes(model, **batch)
-    flops = training_step_flops(model, batch)
     return {
         "trainable": sum(p.numel() for p in trainable),
         "floor_mb": floor,
@@ -208,7 +209,6 @@ def worker(job: Job) -> dict[str, float]:
         "peak_mb": peak_mb,
         "step_seconds": seconds,
         "activations_mb": activations / MB,
-        "tflop": flops / 1e12,
     }
 
 
@@ -230,7 +230,7 @@ def report(rows: list[tuple[Job, dict[str, float]]]) -> int:
     number of missed targets."""
     header = (
         f"{'size':<6} {'ckpt':<4} {'method':<7} {'trainable':>13} {'model MB':>9} {'peak MB':>9} "
-        f"{'x full':>7} {'activations MB':>15} {'step s':>8} {'x full':>7} {'TFLOP':>8}"
+        f"{'x full':>7} {'activations MB':>15} {'step s':>8} {'x full':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -251,7 +251,7 @@ def report(rows: list[tuple[Job, dict[str, float]]]) -> int:
             f"{job.size:<6} {setting:<4} {job.method:<7} {result['trainable']:>13,} "
             f"{result['model_mb']:>9.0f} {result['peak_mb']:>9.0f} {peak_ratio:>7.2f} "
             f"{result['activations_mb']:>15.0f} "
-            f"{result['step_seconds']:>8.2f} {step_ratio:>7.2f} {result['tflop']:>8.3f}{verdict}"
+            f"{result['step_seconds']:>8.2f} {step_ratio:>7.2f}{verdict}"
         )
     floors = sorted(result["floor_mb"] for _, result in rows)
     print(f"floor (imports, not counted): {floors[0]:.0f}-{floors[-1]:.0f} MB")
