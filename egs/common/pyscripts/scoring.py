@@ -18,6 +18,7 @@ the normalised texts. A missing hypothesis counts as empty.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import editdistance
@@ -100,6 +101,12 @@ class ErrorRate:
     def percent(self) -> float:
         return 100.0 * self.errors / max(self.length, 1)
 
+    @classmethod
+    def summed(cls, rates: Iterable[ErrorRate]) -> ErrorRate:
+        """The rate of several utterances together: errors and lengths summed."""
+        rates = list(rates)
+        return cls(sum(rate.errors for rate in rates), sum(rate.length for rate in rates))
+
 
 def utterance_errors(
     references: dict[str, str], hypotheses: dict[str, str], utts: list[str] | None = None
@@ -121,6 +128,6 @@ def error_rates(
     """(WER, CER) of ``hypotheses`` on ``utts`` (default: every reference), both sides normalised."""
     per_utterance = utterance_errors(references, hypotheses, utts)
     return (
-        ErrorRate(sum(w.errors for w, _ in per_utterance), sum(w.length for w, _ in per_utterance)),
-        ErrorRate(sum(c.errors for _, c in per_utterance), sum(c.length for _, c in per_utterance)),
+        ErrorRate.summed(words for words, _ in per_utterance),
+        ErrorRate.summed(characters for _, characters in per_utterance),
     )

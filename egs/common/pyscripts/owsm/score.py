@@ -72,8 +72,7 @@ def word_errors(refs: dict[str, str], hyps: dict[str, str], utts: list[str]) -> 
 
 def wer(errors: dict[str, ErrorRate], utts: list[str]) -> float:
     """WER in percent over ``utts`` (errors and reference words summed), to two decimals."""
-    total = ErrorRate(sum(errors[utt].errors for utt in utts), sum(errors[utt].length for utt in utts))
-    return round(total.percent, 2)
+    return round(ErrorRate.summed(errors[utt] for utt in utts).percent, 2)
 
 
 def text_cleaner(name: str) -> Callable[[str], str]:
