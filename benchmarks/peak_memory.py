@@ -153,15 +153,16 @@ def convolution_backward_flops(
 
 
 def training_step_flops(model: Any, batch: dict[str, Any]) -> int:
-    """Floating-point operations of one forward and backward pass of ``model`` on ``batch`` (matrix
-    products, convolutions, attention; 2 per multiply-add), gradients left cleared."""
+    """Floating-point operations of one forward and backward pass of ``model`` on ``batch`` (the loss
+    first of what it returns; matrix products, convolutions, attention; 2 per multiply-add),
+    gradients left cleared."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     corrected = {torch.ops.aten.convolution_backward: convolution_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=corrected) as counter:
-        output = model(**batch)
-        (output[0] if isinstance(output, tuple) else output).backward()
+        loss, *_ = model(**batch)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
